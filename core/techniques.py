@@ -1,0 +1,318 @@
+"""The base classes a technique of each kind subclasses, and the values that pass between stages.
+
+Behaviour lives on these classes; hooks only register them. Every technique has a ``name`` and an
+``Options`` pydantic model (unknown keys are errors); it is constructed with validated options and
+receives a :class:`Context` when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable, ClassVar, Literal
+
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from torch import Tensor, nn
+
+from potstill.errors import MissingDependency
+
+__all__ = [
+    "Options",
+    "ExistingPath",
+    "LossOptions",
+    "Technique",
+    "Task",
+    "Data",
+    "Dataset",
+    "Teacher",
+    "LoadedModel",
+    "Student",
+    "Loss",
+    "Pruner",
+    "Quantizer",
+    "Decoder",
+    "Exporter",
+    "Artifact",
+    "Outputs",
+    "Context",
+]
+
+
+class Options(BaseModel):
+    """Base of every technique's options: unknown keys are errors, values are checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+def _existing_path(value: str, info: ValidationInfo) -> str:
+    """A file or folder that must exist; relative paths are relative to the spec's folder."""
+    base = Path((info.context or {}).get("base_dir", "."))
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    if not path.exists():
+        raise ValueError(f"file not found: {path} (paths are relative to the spec's folder)")
+    return str(path.resolve())
+
+
+#: an option naming a file that must exist (relative to the spec's folder)
+ExistingPath = Annotated[str, AfterValidator(_existing_path)]
+
+
+class LossOptions(Options):
+    weight: float = Field(1.0, ge=0, description="multiplier of this loss in the stage's sum")
+
+
+class Technique:
+    """A named, configurable technique. Subclasses set ``name`` and usually ``Options``."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+    #: optional imports this technique needs, as ``{module: pip requirement}``; checked at validation
+    requires: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, options: Options | None = None, **kwargs: Any):
+        super().__init__()
+        self.options = options if options is not None else self.Options(**kwargs)
+
+    @classmethod
+    def missing_dependencies(cls) -> list[str]:
+        """``pip install`` lines for each optional dependency that is not importable."""
+        missing = []
+        for module, requirement in cls.requires.items():
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                missing.append(f"needs {module}: pip install '{requirement}'")
+        return missing
+
+    @classmethod
+    def check_dependencies(cls) -> None:
+        missing = cls.missing_dependencies()
+        if missing:
+            raise MissingDependency(f"{cls.name}: {'; '.join(missing)}")
+
+    def fingerprint(self) -> str:
+        """Extra cache-key material beyond the options (for example the hash of an input file)."""
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+
+# --------------------------------------------------------------------------------------------------
+# values passed between stages
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outputs:
+    """What a model (teacher or student) produced for one batch.
+
+    ``features`` holds intermediate outputs captured by module path (see :mod:`potstill.capture`),
+    keyed by the names the consuming loss asked for.
+    """
+
+    logits: Tensor | None = None
+    embeddings: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attention_mask: Tensor | None = None
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+    def require(self, attribute: str, who: str) -> Tensor:
+        value = getattr(self, attribute)
+        if value is None:
+            raise ValueError(f"{who} needs `{attribute}` from the model, but the task did not produce it")
+        return value
+
+
+@dataclass
+class Dataset:
+    """Examples for training and held-out evaluation (strings, or ``(features, label)`` pairs)."""
+
+    train: list[Any]
+    heldout: list[Any]
+    description: str = ""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model with what feeds it (a tokenizer for text models)."""
+
+    model: nn.Module
+    tokenizer: Any = None
+    description: str = ""
+
+
+@dataclass
+class Artifact:
+    """A deployable file written by an exporter or quantizer."""
+
+    path: Path
+    kind: str  # e.g. "onnx-fp32", "onnx-int8"
+    runtime: str = "onnxruntime"
+    parity: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What a running technique may use. ``record`` collects this stage's report entries."""
+
+    seed: int
+    base_dir: Path
+    out: Path
+    task: "Task"
+    data: Dataset | None = None
+    teacher: LoadedModel | None = None
+    stage_dir: Path | None = None
+    artifacts: list[Artifact] = field(default_factory=list)
+    pending_onnx_quantizers: list["Quantizer"] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    progress: bool = True
+
+    def note(self, text: str) -> None:
+        """Add a sentence to the report (for example: why a technique cannot make this backend faster)."""
+        if text not in self.notes:
+            self.notes.append(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# kinds
+# --------------------------------------------------------------------------------------------------
+
+
+class Task(Technique):
+    """How batches are made and fed to a model, what gets exported, and how quality is measured."""
+
+    #: the data spec used when a spec has no ``data:`` entry
+    default_data: ClassVar[dict[str, Any]] = {}
+    #: the name of the metric that summarises quality (higher is better)
+    primary_metric: ClassVar[str]
+
+    def collate(self, examples: list[Any], tokenizer: Any = None, pad_to: int | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], hidden_states: bool = False) -> Outputs:
+        raise NotImplementedError
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """A module whose forward takes the export inputs positionally and returns the task's output."""
+        raise NotImplementedError
+
+    def export_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The named inputs of the exported graph for this batch (their order is the forward's)."""
+        raise NotImplementedError
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        raise NotImplementedError
+
+    def output_name(self) -> str:
+        raise NotImplementedError
+
+    def benchmark_batch(self, data: Dataset, tokenizer: Any, batch_size: int, seq_len: int) -> dict[str, Tensor]:
+        """A batch of the latency-measurement shape, built from held-out data."""
+        raise NotImplementedError
+
+    def evaluate(self, reference: Callable[[dict[str, Tensor]], Tensor], candidate: Callable[[dict[str, Tensor]], Tensor],
+                 batches: list[dict[str, Tensor]]) -> dict[str, float]:
+        """Quality of ``candidate`` against ``reference`` (the teacher) on held-out batches.
+
+        Both callables take a batch and return the task's output tensor.
+        """
+        raise NotImplementedError
+
+
+class Data(Technique):
+    """Produces or selects the examples a run trains and evaluates on."""
+
+    def load(self, ctx: Context) -> Dataset:
+        raise NotImplementedError
+
+
+class Teacher(Technique):
+    """Loads the model whose behaviour the student learns."""
+
+    def load(self, ctx: Context) -> LoadedModel:
+        raise NotImplementedError
+
+
+class Student(Technique):
+    """Builds (or searches) a student architecture, usually inheriting the teacher's weights."""
+
+    def build(self, teacher: nn.Module, ctx: Context) -> nn.Module:
+        """Return a new module; must not modify ``teacher``. Called again, deterministically, on resume."""
+        raise NotImplementedError
+
+
+class Loss(Technique, nn.Module):
+    """A distillation objective. Subclass ``forward(student, teacher, batch) -> scalar``.
+
+    ``capture`` names the intermediate outputs the loss needs, by module path; ``setup`` may create
+    trainable parameters (for example a projection between hidden sizes), which are optimized with the
+    student.
+    """
+
+    Options: ClassVar[type[Options]] = LossOptions
+    #: which task outputs the loss reads: any of "logits", "embeddings", "hidden_states"
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def capture(self, model: nn.Module, role: Literal["student", "teacher"]) -> dict[str, str]:
+        """``{key: module path}`` of intermediate outputs to capture from ``model``."""
+        return {}
+
+    def setup(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Called once before training with both models."""
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Tensor]) -> Tensor:  # type: ignore[override]
+        raise NotImplementedError
+
+
+class Pruner(Technique):
+    """Removes weights, structures, experts or tokens. Report entries go in ``ctx.record``."""
+
+    def prune(self, model: nn.Module, ctx: Context) -> nn.Module:
+        raise NotImplementedError
+
+    def restore(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """Re-establish structure (and masks) when this stage's weights are reloaded from the cache."""
+        return model
+
+
+class Quantizer(Technique):
+    """Lowers precision. ``target`` says whether it rewrites the torch model or the exported ONNX file."""
+
+    target: ClassVar[Literal["torch", "onnx"]] = "onnx"
+
+    def quantize_torch(self, model: nn.Module, ctx: Context) -> nn.Module:
+        raise NotImplementedError
+
+    def quantize_onnx(self, source: Path, destination: Path, ctx: Context) -> Artifact:
+        raise NotImplementedError
+
+
+class Decoder(Technique):
+    """Makes inference of a generative model faster (speculative, early exit, Jacobi, ...)."""
+
+    def generate(self, target: nn.Module, input_ids: Tensor, ctx: Context, **kwargs: Any) -> Tensor:
+        raise NotImplementedError
+
+
+class Exporter(Technique):
+    """Writes deployable artifacts and checks each against PyTorch before returning it."""
+
+    def export(self, model: nn.Module, ctx: Context) -> list[Artifact]:
+        raise NotImplementedError
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def nonzero_parameters(model: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())

