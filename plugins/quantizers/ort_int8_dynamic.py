@@ -15,13 +15,26 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from pydantic import Field
 
 from potstill.hookspecs import hookimpl
 from potstill.io import atomic_path
 from potstill.techniques import Artifact, Context, Options, Quantizer
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime.quantization prints advice through the root logger and stdout; keep the user's output clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
 
 
 class OrtInt8Dynamic(Quantizer):
@@ -41,19 +54,17 @@ class OrtInt8Dynamic(Quantizer):
 
         model = onnx.load(str(source))
         del model.graph.value_info[:]  # stale shape annotations from the dynamo exporter break quantization
-        with atomic_path(destination) as tmp:
+        with atomic_path(destination) as tmp, _quiet():
             cleaned = tmp.with_name(tmp.name + ".in.onnx")
             try:
                 onnx.save(model, str(cleaned))
-                logging.getLogger("onnxruntime").setLevel(logging.ERROR)
-                with contextlib.redirect_stdout(io.StringIO()):
-                    quantize_dynamic(
-                        str(cleaned),
-                        str(tmp),
-                        per_channel=self.options.per_channel,
-                        reduce_range=self.options.reduce_range,
-                        weight_type=QuantType.QInt8 if self.options.weight_type == "int8" else QuantType.QUInt8,
-                    )
+                quantize_dynamic(
+                    str(cleaned),
+                    str(tmp),
+                    per_channel=self.options.per_channel,
+                    reduce_range=self.options.reduce_range,
+                    weight_type=QuantType.QInt8 if self.options.weight_type == "int8" else QuantType.QUInt8,
+                )
             finally:
                 cleaned.unlink(missing_ok=True)
         return Artifact(path=destination, kind="onnx-int8-dynamic")

@@ -63,7 +63,7 @@ class HFTeacher(Teacher):
         from transformers import AutoModel, AutoTokenizer
 
         path = self.resolved_path()
-        model = AutoModel.from_pretrained(path, torch_dtype=getattr(torch, self.options.dtype)).eval()
+        model = AutoModel.from_pretrained(path, dtype=getattr(torch, self.options.dtype)).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         return LoadedModel(model=model, tokenizer=tokenizer, description=f"{type(model).__name__} from {self.options.path}")
 

