@@ -132,7 +132,7 @@ def build_plugin_manager(extra_plugins: tuple[Any, ...] = (), autoload: bool | N
     for kind, (hook_name, _) in HOOKS.items():
         caller = getattr(pm.hook, hook_name)
         # call each implementation alone so the registry knows which plugin registered what
-        for impl in reversed(caller.get_hookimpls()):  # pluggy lists last-registered first
+        for impl in caller.get_hookimpls():  # in registration order (pluggy *calls* them last-registered first)
             impl.function(**{a: registries[kind].registrar(impl.plugin_name) for a in impl.argnames})
     return Plugins(pm, registries, versions)
 

@@ -59,7 +59,8 @@ class Registry(Generic[T]):
 
     def add(self, cls: type[T], plugin: str) -> None:
         name = getattr(cls, "name", None)
-        where = f"plugin {plugin!r} registered {self.kind} {cls.__module__}.{cls.__qualname__}"
+        what = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
+        where = f"plugin {plugin!r} registered {self.kind} {what}"
         if not isinstance(cls, type) or not issubclass(cls, self.base):
             raise PluginError(f"{where}: it must subclass potstill.techniques.{self.base.__name__}")
         if not isinstance(name, str) or not _NAME.match(name):

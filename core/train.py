@@ -21,8 +21,8 @@ from potstill.sparsity import apply_masks
 from potstill.spec import DistillOptions
 from potstill.techniques import Context, Loss, Outputs, Task
 
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_STATE = "checkpoint.pt"
+CHECKPOINT = "checkpoint-{step}.safetensors"
+CHECKPOINT_STATE = "checkpoint-{step}.pt"
 CHECKPOINT_META = "checkpoint.json"
 
 
@@ -98,11 +98,16 @@ class Distiller:
         tensors = {f"student.{k}": v for k, v in self.student.state_dict().items()}
         tensors.update({f"losses.{k}": v for k, v in self.loss_modules.state_dict().items()})
         tensors["rng"] = torch.get_rng_state()
-        save_tensors(self.state_dir / CHECKPOINT, tensors)
-        with atomic_path(self.state_dir / CHECKPOINT_STATE) as tmp:
+        # each checkpoint's parts are named by its step and the meta file, written last, points at them: a kill
+        # between the writes leaves the previous checkpoint whole, never a mix of two steps
+        save_tensors(self.state_dir / CHECKPOINT.format(step=self.step), tensors)
+        with atomic_path(self.state_dir / CHECKPOINT_STATE.format(step=self.step)) as tmp:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp)
-        # the meta file is written last: a checkpoint counts only once all its parts are complete
         write_json(self.state_dir / CHECKPOINT_META, {"step": self.step, "fingerprint": self.fingerprint})
+        current = {CHECKPOINT.format(step=self.step), CHECKPOINT_STATE.format(step=self.step)}
+        for old in self.state_dir.glob("checkpoint-*"):
+            if old.name not in current:
+                old.unlink(missing_ok=True)
 
     def _try_resume(self) -> bool:
         meta_path = self.state_dir / CHECKPOINT_META
@@ -111,14 +116,15 @@ class Distiller:
         meta = read_json(meta_path)
         if meta.get("fingerprint") != self.fingerprint:
             return False
-        tensors = load_tensors(self.state_dir / CHECKPOINT)
+        step = int(meta["step"])
+        tensors = load_tensors(self.state_dir / CHECKPOINT.format(step=step))
         self.student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")}, strict=True)
         self.loss_modules.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("losses.")}, strict=True)
         torch.set_rng_state(tensors["rng"])
-        state = torch.load(self.state_dir / CHECKPOINT_STATE, weights_only=True)
+        state = torch.load(self.state_dir / CHECKPOINT_STATE.format(step=step), weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(meta["step"])
+        self.step = step
         return True
 
     # ------------------------------------------------------------------ training

@@ -52,7 +52,7 @@ def tiny_teacher_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_spec(tiny_teacher_dir):
     """A factory for a fast spec dict over the tiny teacher; pass ``stages=[...]`` to replace the stages."""
 

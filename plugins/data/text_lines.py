@@ -1,5 +1,6 @@
 """Lines of text from a file, or the bundled default: English sentences from CPython's own
-documentation (``pydoc_data.topics``, shipped with every Python), so the demo needs no download.
+documentation (``pydoc_data.topics``) and standard-library docstrings, shipped with every Python, so
+the demo needs no download.
 
 The held-out sentences are taken first from a fixed shuffle, so they never appear in training and do
 not change with the run's seed.
@@ -9,8 +10,14 @@ YAML:  {name: text_lines, path: corpus.txt, heldout: 256}
 
 from __future__ import annotations
 
+import ast
+import functools
+import os
 import random
 import re
+import sys
+import sysconfig
+from pathlib import Path
 
 from pydantic import Field
 
@@ -22,20 +29,49 @@ from potstill.techniques import Context, Data, Dataset, Options
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
-def bundled_sentences() -> list[str]:
-    """English sentences from the Python reference documentation shipped with CPython."""
+def _sentences(text: str) -> list[str]:
+    """Prose sentences of a text: mostly letters, 40-300 characters, ending like a sentence, no doctest."""
+    found = []
+    for sentence in _SENTENCE_END.split(re.sub(r"\s+", " ", text)):
+        sentence = sentence.strip()
+        if 40 <= len(sentence) <= 300 and sentence[-1] in ".!?" and ">>>" not in sentence \
+                and sum(c.isalpha() for c in sentence) / len(sentence) > 0.72:
+            found.append(sentence)
+    return found
+
+
+def _stdlib_docstrings() -> list[str]:
+    """Docstring sentences of the Python standard library's own modules (parsed, never imported)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "turtledemo"}
+    sentences: list[str] = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in skip)
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                tree = ast.parse((Path(folder) / name).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        for paragraph in doc.split("\n\n"):
+                            sentences.extend(_sentences(paragraph))
+    return sentences
+
+
+@functools.lru_cache(maxsize=1)
+def bundled_sentences() -> tuple[str, ...]:
+    """English sentences that ship with CPython: the reference documentation (``pydoc_data.topics``)
+    and the standard library's docstrings; about twelve thousand, no download."""
     from pydoc_data.topics import topics
 
     sentences: list[str] = []
     for key in sorted(topics):
-        text = re.sub(r"\s+", " ", topics[key])
-        for sentence in _SENTENCE_END.split(text):
-            sentence = sentence.strip()
-            letters = sum(c.isalpha() for c in sentence)
-            # prose, not code or tables: mostly letters, ends like a sentence
-            if 40 <= len(sentence) <= 300 and letters / len(sentence) > 0.7 and sentence[-1] in ".!?":
-                sentences.append(sentence)
-    return list(dict.fromkeys(sentences))
+        sentences.extend(_sentences(topics[key]))
+    sentences.extend(_stdlib_docstrings())
+    return tuple(dict.fromkeys(sentences))
 
 
 class TextLines(Data):
@@ -48,7 +84,7 @@ class TextLines(Data):
         max_examples: int | None = Field(None, gt=0)
 
     def fingerprint(self) -> str:
-        return sha256(self.options.path) if self.options.path else "bundled:pydoc_data"
+        return sha256(self.options.path) if self.options.path else f"bundled:cpython-{sys.version_info[:3]}"
 
     def load(self, ctx: Context) -> Dataset:
         if self.options.path:
@@ -56,8 +92,8 @@ class TextLines(Data):
                 lines = [line.strip() for line in handle]
             source = self.options.path
         else:
-            lines = bundled_sentences()
-            source = "CPython pydoc_data.topics (bundled)"
+            lines = list(bundled_sentences())
+            source = "CPython's documentation and stdlib docstrings (bundled)"
         lines = [line for line in lines if len(line) >= max(1, self.options.min_chars)]
         random.Random(0).shuffle(lines)
         if self.options.max_examples:

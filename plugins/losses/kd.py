@@ -21,8 +21,10 @@ from potstill.techniques import Loss, LossOptions, Outputs
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
-    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    # at least float32, but keep float64: at high T the KL is a small difference of large terms
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    student_logp = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     per_position = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
     if mask is not None:
         mask = mask.to(per_position.dtype)
