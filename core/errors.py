@@ -12,6 +12,8 @@ class PotstillError(Exception):
 class PluginError(PotstillError):
     """A plugin is broken: bad hook, duplicate name, bad technique class."""
 
+    exit_code = 2  # a setup mistake the user fixes, like a bad spec (see potstill.cli)
+
 
 class SpecError(PotstillError):
     """A spec has problems; ``problems`` holds ``(yaml_path, message)`` pairs, all of them at once."""

@@ -111,6 +111,8 @@ def run(spec_or_path: Any, out: Any = None, overrides: list[str] | None = None, 
         key = spec.prefix_hash(stage.index)
         meta_path = stage_dir / META
         cached = meta_path.is_file() and io.read_json(meta_path).get("hash") == key
+        if cached and _cached_artifacts(meta_path, out) is None:
+            cached = False  # an artifact of this stage was removed or changed: rebuild it and record it anew
         model, interrupted = _run_stage(stage, model, teacher, ctx, cached, key, spec, progress, stop_after_steps)
         if interrupted:
             return None  # type: ignore[return-value]
@@ -198,7 +200,8 @@ def _run_stage(stage: Stage, model: nn.Module, teacher: nn.Module, ctx: Context,
                 model = technique.quantize_torch(model, ctx)
                 io.save_state(state_path, model)
         elif ctx.artifacts:  # an export already ran: quantize its fp32 ONNX now
-            ctx.artifacts.extend(_quantize_artifacts(technique, ctx, model, cached))
+            reused = _cached_artifacts(stage_dir / META, ctx.out) if cached else None
+            ctx.artifacts.extend(reused if reused is not None else _quantize_artifacts(technique, ctx, model, cached))
         else:
             ctx.pending_onnx_quantizers.append(technique)
     elif stage.key == "export":

@@ -224,22 +224,22 @@ def _mb(n: int) -> str:
 
 
 def rows(report: Report) -> list[dict[str, str]]:
-    """The summary table's rows (shared by report.md and the terminal table)."""
+    """The summary table's rows (shared by report.md and the terminal table): one column per metric."""
     metric = report["task"]["primary_metric"]
     out = []
     for label, item in [("teacher", report.teacher)] + [("student", a) for a in report.artifacts]:
         quality = item["quality"]
-        out.append({
+        row = {
             "model": label,
             "artifact": item["path"],
-            "kind": item.get("kind", ""),
-            "parameters": f"{item['parameters'] / 1e6:.2f} M",
+            "params": f"{item['parameters'] / 1e6:.2f} M",
             "size": _mb(item["bytes"]),
             "latency": "-" if item["latency_ms"] is None else f"{item['latency_ms']:.2f} ms",
-            "speedup": f"{item['speedup']:.2f}x" if "speedup" in item else ("1.00x" if label == "teacher" else "-"),
-            metric: f"{quality.get(metric, float('nan')):.4f}",
-            "other": ", ".join(f"{k} {v:.4f}" for k, v in quality.items() if k != metric),
-        })
+            "speed-up": f"{item['speedup']:.2f}x" if "speedup" in item else ("1.00x" if label == "teacher" else "-"),
+        }
+        row[metric] = f"{quality.get(metric, float('nan')):.4f}"
+        row.update({name: f"{value:.4f}" for name, value in quality.items() if name != metric})
+        out.append(row)
     return out
 
 
@@ -320,9 +320,9 @@ def print_summary(report: Report, console: Any = None) -> None:
 
     console = console or Console()
     table = Table(title=f"potstill: {report['name']}")
-    data = rows(report)
+    data = [{k: v for k, v in row.items() if k != "model"} for row in rows(report)]  # the artifact names it
     for header in data[0]:
-        table.add_column(header)
+        table.add_column(header, no_wrap=header == "artifact")
     for row in data:
         table.add_row(*row.values())
     console.print(table)

@@ -313,7 +313,8 @@ class _Validator:
     def technique(self, kind: str, value: Any, path: str) -> Technique | None:
         registry = self.plugins.registry(kind)
         if not isinstance(value, dict):
-            self.problems.append((path, f"expected a mapping like {{name: <{kind}>, ...}}, got {type(value).__name__}"))
+            if not any(where == path for where, _ in self.problems):  # the top-level check may have said so
+                self.problems.append((path, f"expected a mapping like {{name: <{kind}>, ...}}, got {type(value).__name__}"))
             return None
         name = value.get("name")
         if name is None:
@@ -368,7 +369,8 @@ def validate(raw: Any, base_dir: Path | str = ".", source: str | None = None, ov
     for index, stage_raw in enumerate(raw_stages if isinstance(raw_stages, list) else []):
         path = f"stages[{index}]"
         if not isinstance(stage_raw, dict) or len(stage_raw) != 1:
-            check.problems.append((path, f"a stage is a mapping with one key, one of: {', '.join(STAGE_KINDS)}"))
+            got = f"; got keys: {', '.join(map(str, stage_raw))}" if isinstance(stage_raw, dict) else ""
+            check.problems.append((path, f"a stage is a mapping with one key, one of: {', '.join(STAGE_KINDS)}{got}"))
             continue
         key, body = next(iter(stage_raw.items()))
         if key not in STAGE_KINDS:

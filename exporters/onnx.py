@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -39,10 +40,16 @@ def export_onnx(model: nn.Module, task: Task, example: dict[str, torch.Tensor], 
         dynamic_shapes[input_name] = {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > _TWO_GB
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.ExitStack() as cleanup:
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        onnx_path = tmp.with_suffix(".onnx")
+        # exported under its final name in a scratch folder: the file refers to its sidecar by name, and a
+        # failed export leaves nothing (no half-written file or sidecar) next to the bundle
+        scratch = tmp.with_name(tmp.name + ".d")
+        scratch.mkdir()
+        cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+        onnx_path = scratch / path.name
         torch.onnx.export(
             module,
             tuple(inputs.values()),
@@ -56,7 +63,7 @@ def export_onnx(model: nn.Module, task: Task, example: dict[str, torch.Tensor], 
             verbose=False,
         )
         onnx_path.replace(tmp)
-        if large:  # the sidecar is named after the temporary file; give it the final name
+        if large:
             sidecar = onnx_path.with_name(onnx_path.name + ".data")
             sidecar.replace(path.with_name(path.name + ".data"))
     return path

@@ -53,7 +53,8 @@ def docstring_example(cls: type) -> dict[str, Any]:
         text = text[2:].strip()
     assert text.startswith("{") and text.endswith("}"), f"{cls.__module__}: the YAML example is not a flow mapping: {text}"
     example = yaml.safe_load(text)
-    assert isinstance(example, dict) and example.get("name") == cls.name, f"{cls.__module__}: example names {example.get('name')!r}, not {cls.name!r}"
+    assert isinstance(example, dict) and example.get("name") == cls.name, \
+        f"{cls.__module__}: example names {example.get('name')!r}, not {cls.name!r}"
     return {k: v for k, v in example.items() if k != "name"}
 
 
@@ -179,7 +180,7 @@ def _registry_instance(kind: str, name: str, **options: Any) -> Any:
 def sentences() -> list[str]:
     from potstill.plugins.data.text_lines import bundled_sentences
 
-    return bundled_sentences()[:64]
+    return list(bundled_sentences()[:64])
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import functools
 import os
+import platform
 import random
 import re
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 from pydantic import Field
 
 from potstill.hookspecs import hookimpl
-from potstill.io import sha256
+from potstill.io import sha256, write_text
 from potstill.techniques import ExistingPath
 from potstill.techniques import Context, Data, Dataset, Options
 
@@ -61,17 +62,33 @@ def _stdlib_docstrings() -> list[str]:
     return sentences
 
 
+def cache_dir() -> Path:
+    """Where potstill keeps rebuildable files: ``$POTSTILL_CACHE``, else ``~/.cache/potstill``."""
+    return Path(os.environ.get("POTSTILL_CACHE") or Path.home() / ".cache" / "potstill")
+
+
 @functools.lru_cache(maxsize=1)
 def bundled_sentences() -> tuple[str, ...]:
     """English sentences that ship with CPython: the reference documentation (``pydoc_data.topics``)
-    and the standard library's docstrings; about twelve thousand, no download."""
+    and the standard library's docstrings; about twelve thousand, no download.
+
+    Parsing the standard library takes seconds, so the result is cached on disk per Python version.
+    """
+    cache = cache_dir() / f"bundled-sentences-{platform.python_version()}-v1.txt"
+    if cache.is_file():
+        return tuple(cache.read_text(encoding="utf-8").splitlines())
     from pydoc_data.topics import topics
 
     sentences: list[str] = []
     for key in sorted(topics):
         sentences.extend(_sentences(topics[key]))
     sentences.extend(_stdlib_docstrings())
-    return tuple(dict.fromkeys(sentences))
+    unique = tuple(dict.fromkeys(sentences))
+    try:
+        write_text(cache, "\n".join(unique) + "\n")
+    except OSError:  # a read-only home is no reason to fail
+        pass
+    return unique
 
 
 class TextLines(Data):

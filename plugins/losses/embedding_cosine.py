@@ -23,6 +23,9 @@ class EmbeddingCosine(Loss):
     def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Tensor]) -> Tensor:
         student_emb = student.require("embeddings", self.name).float()
         teacher_emb = teacher.require("embeddings", self.name).float()
+        if student_emb.shape[-1] != teacher_emb.shape[-1]:
+            raise ValueError(f"embedding_cosine: student embeddings have {student_emb.shape[-1]} dimensions, the teacher's "
+                             f"{teacher_emb.shape[-1]}; cosine needs the same size (keep the teacher's hidden size)")
         return (1 - F.cosine_similarity(student_emb, teacher_emb, dim=-1)).mean()
 
 

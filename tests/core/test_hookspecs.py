@@ -36,12 +36,38 @@ def test_hookspec_is_documented(hook_name):
         assert f":param {parameter}:" in doc, f"{hook_name}: `{parameter}` has no :param line"
 
 
+#: hooks whose kind has no built-in technique yet (decoders arrive with the accelerated-decoding issue);
+#: each is still exercised below by a throwaway plugin, and listed here so the gap stays visible
+NO_BUILTIN_YET = {"register_decoders"}
+
+
 @pytest.mark.parametrize("hook_name", sorted(HOOKSPECS))
 def test_hookspec_has_a_builtin_implementation(hook_name):
     plugins = build_plugin_manager(autoload=False)
     implementers = [impl.plugin_name for impl in getattr(plugins.manager.hook, hook_name).get_hookimpls()]
     builtin = [name for name in implementers if name in DEFAULT_PLUGINS]
-    assert builtin, f"no built-in plugin implements {hook_name}"
+    if hook_name in NO_BUILTIN_YET:
+        assert not builtin, f"{hook_name} has a built-in now: remove it from NO_BUILTIN_YET"
+    else:
+        assert builtin, f"no built-in plugin implements {hook_name}"
+
+
+def test_decoder_hook_registers_a_third_party_decoder():
+    from potstill.hookspecs import hookimpl
+    from potstill.techniques import Decoder
+
+    class Greedy(Decoder):
+        name = "greedy_test"
+
+    class Plugin:
+        @hookimpl
+        def register_decoders(self, register):
+            register(Greedy)
+
+    plugins = build_plugin_manager(extra_plugins=(Plugin(),), autoload=False)
+    entry = plugins.registry("decoder").entry("greedy_test")
+    assert entry.cls is Greedy
+    assert any(row["techniques"].get("decoder") == ["greedy_test"] for row in plugins.describe())
 
 
 def test_every_kind_has_exactly_one_registration_hook():

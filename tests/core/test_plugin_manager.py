@@ -145,13 +145,9 @@ def test_block_env_removes_a_builtin_plugin(isolated_env, tiny_spec):
         "minilm_relations (plugin may not be installed)"]
 
 
-def test_block_env_blocks_entry_point_plugins_by_name(installed_plugin):
-    installed_plugin  # noqa: B018 - installed, then blocked
-    os.environ[BLOCK_ENV] = " fakeplug , potstill.plugins.losses.kd"  # the fixture's monkeypatch restores it
-    try:
-        plugins = build_plugin_manager()
-    finally:
-        del os.environ[BLOCK_ENV]
+def test_block_env_blocks_entry_point_plugins_by_name(installed_plugin, isolated_env):
+    isolated_env.setenv(BLOCK_ENV, " fakeplug , potstill.plugins.losses.kd")
+    plugins = build_plugin_manager()
     assert "fake_pruner" not in plugins.registry("pruner")
     assert "kd" not in plugins.registry("loss")
 
@@ -211,7 +207,8 @@ def test_throwaway_plugin_stays_in_its_own_manager(isolated_env, tiny_spec):
 
 
 def test_cli_lists_plugins_with_versions_and_techniques_by_kind(installed_plugin):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed_plugin), os.environ.get("PYTHONPATH", "")])}
+    python_path = [str(installed_plugin)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path)}
     env.pop(BLOCK_ENV, None)
     env.pop(DISABLE_AUTOLOAD_ENV, None)
     result = subprocess.run([sys.executable, "-m", "potstill.cli", "plugins", "--json"], env=env,

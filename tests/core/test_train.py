@@ -8,6 +8,7 @@ merely close, it must be the same run.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -139,8 +140,14 @@ def test_a_crash_while_a_checkpoint_is_written_resumes_from_the_previous_one(tin
 
 def test_killed_run_resumes_to_the_same_weights(tiny_spec, tmp_path, tmp_path_factory):
     """A real SIGKILL of ``potstill run`` mid-distillation, then the same command again."""
-    steps = 24
+    steps = 12
     spec = distill_spec(tiny_spec, steps=steps, checkpoint_every=1, dropout=False)
+    # a corpus file: the subprocesses then skip collecting the bundled sentences (seconds per process)
+    corpus = tmp_path / "corpus.txt"
+    words = "the a model student teacher learns small fast layer weight quickly slowly from every".split()
+    rng = random.Random(0)
+    corpus.write_text("\n".join(" ".join(rng.choices(words, k=rng.randint(4, 20))) for _ in range(200)), encoding="utf-8")
+    spec["data"] = {"name": "text_lines", "path": str(corpus), "heldout": 32}
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     out = tmp_path / "bundle"

@@ -20,6 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "examples" / "plugin_package"
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The package installed with pip into a folder of its own (offline: no index, no build isolation)."""
+    pytest.importorskip("setuptools", reason="building without isolation needs setuptools in this environment")
     source = tmp_path_factory.mktemp("plugin_source") / "plugin_package"
     # build from a copy: an in-tree build would leave build/ and *.egg-info in the repository
     shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
@@ -33,7 +34,8 @@ def installed(tmp_path_factory) -> Path:
 
 
 def potstill(target: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "OMP_NUM_THREADS": "1"}  # single-threaded like the rest of the suite (see tests/conftest.py)
     env.pop("POTSTILL_DISABLE_PLUGIN_AUTOLOAD", None)
     env.pop("POTSTILL_BLOCK_PLUGINS", None)
     return subprocess.run([sys.executable, "-m", "potstill.cli", *args], capture_output=True, text=True, env=env,

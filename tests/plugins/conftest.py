@@ -13,7 +13,7 @@ from potstill.techniques import Context, Dataset, LoadedModel
 def sentences() -> list[str]:
     from potstill.plugins.data.text_lines import bundled_sentences
 
-    return bundled_sentences()
+    return list(bundled_sentences())
 
 
 @pytest.fixture(scope="session")

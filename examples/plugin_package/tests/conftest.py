@@ -5,4 +5,4 @@ import sys
 from pathlib import Path
 
 if importlib.util.find_spec("potstill_example_plugin") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
