@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from potstill import io
-from potstill.errors import SpecError
 from potstill.plugin_manager import get_plugins
 from potstill.report import Report, build_report, write_bundle
 from potstill.spec import Spec, Stage, load
@@ -55,24 +54,9 @@ class _Progress:
             self.bar.stop()
 
 
-def _check_cross_stage(spec: Spec) -> None:
-    problems = []
-    exports = [s.index for s in spec.stages if s.key == "export"]
-    for stage in spec.stages:
-        if stage.key == "quantize" and isinstance(stage.technique, Quantizer) and stage.technique.target == "onnx" and not exports:
-            problems.append((f"stages[{stage.index}].quantize", f"{stage.technique.name} quantizes an exported ONNX "
-                             "model; add a stage `- export: {name: onnx}`"))
-        if stage.key == "decode":
-            problems.append((f"stages[{stage.index}].decode", "decode stages are not supported by this potstill yet"))
-    if problems:
-        raise SpecError(problems, spec.source)
-
-
 def check(spec_or_path: Any, overrides: list[str] | None = None) -> Spec:
     """Validate everything that can be checked before a model loads (``potstill validate``)."""
-    spec = load(spec_or_path, overrides)
-    _check_cross_stage(spec)
-    return spec
+    return load(spec_or_path, overrides)
 
 
 def run(spec_or_path: Any, out: Any = None, overrides: list[str] | None = None, fresh: bool = False,

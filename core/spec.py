@@ -396,10 +396,28 @@ def validate(raw: Any, base_dir: Path | str = ".", source: str | None = None, ov
             stage.technique = check.technique(stage.kind, body, f"{path}.{key}")
         stages.append(stage)
 
+    check.problems.extend(_cross_stage_problems(raw_stages if isinstance(raw_stages, list) else [], check.plugins))
     if check.problems:
         raise SpecError(check.problems, source)
     assert top is not None and task is not None and data is not None and teacher is not None
     return Spec(raw=raw, top=top, task=task, data=data, teacher=teacher, stages=stages, base_dir=base_dir, source=source)
+
+
+def _cross_stage_problems(raw_stages: list[Any], plugins: Plugins) -> list[tuple[str, str]]:
+    """Problems between stages: an ONNX quantizer with no export to quantize; decode not yet supported."""
+    problems = []
+    has_export = any(isinstance(s, dict) and "export" in s for s in raw_stages)
+    for index, stage_raw in enumerate(raw_stages):
+        if not isinstance(stage_raw, dict) or len(stage_raw) != 1:
+            continue
+        key, body = next(iter(stage_raw.items()))
+        if key == "quantize" and isinstance(body, dict) and body.get("name") in plugins.registry("quantizer"):
+            if plugins.registry("quantizer").get(body["name"]).target == "onnx" and not has_export:
+                problems.append((f"stages[{index}].quantize", f"{body['name']} quantizes an exported ONNX model; "
+                                 "add a stage `- export: {name: onnx}`"))
+        if key == "decode":
+            problems.append((f"stages[{index}].decode", "decode stages are not supported by this potstill yet"))
+    return problems
 
 
 def load(path_or_raw: Any, overrides: list[str] | None = None, plugins: Plugins | None = None) -> Spec:
