@@ -67,12 +67,12 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _eval_batches(ctx: Context, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
+def _eval_batches(ctx: Context, batch_size: int, count: int | None) -> list[dict[str, torch.Tensor]]:
     assert ctx.data is not None
     tokenizer = ctx.teacher.tokenizer if ctx.teacher is not None else None
     held = ctx.data.heldout
-    return [ctx.task.collate(held[i: i + batch_size], tokenizer)
-            for i in range(0, min(len(held), batch_size * count), batch_size)]
+    end = len(held) if count is None else min(len(held), batch_size * count)
+    return [ctx.task.collate(held[i: i + batch_size], tokenizer) for i in range(0, end, batch_size)]
 
 
 def _torch_callable(module: nn.Module, ctx: Context) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:

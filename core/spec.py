@@ -76,7 +76,7 @@ class MeasureOptions(Options):
     threads: int = Field(1, gt=0)
     warmup: int = Field(5, ge=0)
     repeats: int = Field(30, gt=0)
-    heldout_batches: int = Field(8, gt=0)
+    heldout_batches: int | None = Field(None, gt=0, description="quality on this many held-out batches; default: all")
     latency: bool = Field(True, description="measure latency (false: quality and size only)")
 
 
