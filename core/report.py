@@ -319,10 +319,14 @@ def print_summary(report: Report, console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"potstill: {report['name']}")
-    data = [{k: v for k, v in row.items() if k != "model"} for row in rows(report)]  # the artifact names it
+    from rich import box
+
+    table = Table(title=f"potstill: {report['name']}", box=box.SIMPLE_HEAD, pad_edge=False)
+    # compact for an 80-column terminal: the artifact names the row, worst-case metrics stay in report.md
+    data = [{k: v.replace(" ", "") for k, v in row.items() if k != "model" and not k.startswith("min_")}
+            for row in rows(report)]
     for header in data[0]:
-        table.add_column(header, no_wrap=header == "artifact")
+        table.add_column(header, no_wrap=True)
     for row in data:
         table.add_row(*row.values())
     console.print(table)
