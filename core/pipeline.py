@@ -104,10 +104,10 @@ def run(spec_or_path: Any, out: Any = None, overrides: list[str] | None = None, 
         if cached:
             meta = io.read_json(meta_path)
             ctx.record = meta.get("record", {})
-            entry = {"kind": stage.kind, "stage": stage.key, "name": _name(stage), "seconds": meta["seconds"],
+            entry = {"kind": stage.kind, "stage": stage.key, "name": stage.name, "seconds": meta["seconds"],
                      "cached": True, "record": ctx.record}
         else:
-            entry = {"kind": stage.kind, "stage": stage.key, "name": _name(stage), "seconds": round(seconds, 3),
+            entry = {"kind": stage.kind, "stage": stage.key, "name": stage.name, "seconds": round(seconds, 3),
                      "cached": False, "record": ctx.record}
             io.write_json(meta_path, {"hash": key, "seconds": round(seconds, 3), "record": ctx.record,
                                       "artifacts": [_artifact_json(a, out) for a in ctx.artifacts[before:]]})
@@ -118,10 +118,6 @@ def run(spec_or_path: Any, out: Any = None, overrides: list[str] | None = None, 
     report = build_report(spec, ctx, model, teacher, timings)
     write_bundle(out, spec, report)
     return report
-
-
-def _name(stage: Stage) -> str:
-    return stage.technique.name if stage.technique is not None else "+".join(l.name for l in stage.losses)
 
 
 def _artifact_json(artifact: Artifact, out: Path) -> dict[str, Any]:
@@ -204,13 +200,13 @@ def _run_stage(stage: Stage, model: nn.Module, teacher: nn.Module, ctx: Context,
 
 def _quantize_artifacts(quantizer: Quantizer, ctx: Context, model: nn.Module, cached: bool,
                         sources: list[Artifact] | None = None) -> list[Artifact]:
-    from potstill.exporters.onnx import check_batches, parity
+    from potstill.exporters.onnx import DEFAULT_CHECK_SHAPES, check_batches, parity
 
     results = []
     for source in sources if sources is not None else [a for a in ctx.artifacts if a.kind == "onnx-fp32"]:
         destination = source.path.with_name(f"{source.path.stem}.{quantizer.options.suffix}.onnx")  # type: ignore[attr-defined]
         artifact = quantizer.quantize_onnx(source.path, destination, ctx)
-        batches = check_batches(ctx.task, ctx, [(3, 7), (5, 37)])
+        batches = check_batches(ctx.task, ctx, DEFAULT_CHECK_SHAPES)
         artifact.parity = parity(artifact.path, model, ctx.task, batches)
         artifact.parity["reference"] = "the fp32 PyTorch model (quantization error included)"
         results.append(artifact)

@@ -69,7 +69,7 @@ def _versions() -> dict[str, str]:
 
 def _eval_batches(ctx: Context, batch_size: int, count: int | None) -> list[dict[str, torch.Tensor]]:
     assert ctx.data is not None
-    tokenizer = ctx.teacher.tokenizer if ctx.teacher is not None else None
+    tokenizer = ctx.tokenizer
     held = ctx.data.heldout
     end = len(held) if count is None else min(len(held), batch_size * count)
     return [ctx.task.collate(held[i: i + batch_size], tokenizer) for i in range(0, end, batch_size)]
@@ -111,7 +111,7 @@ def build_report(spec: Any, ctx: Context, model: nn.Module, teacher: nn.Module, 
 
     measure = spec.top.measure
     task = ctx.task
-    tokenizer = ctx.teacher.tokenizer if ctx.teacher is not None else None
+    tokenizer = ctx.tokenizer
     assert ctx.data is not None
     bench_inputs = task.benchmark_batch(ctx.data, tokenizer, measure.batch_size, measure.seq_len)
     batches = _eval_batches(ctx, measure.batch_size, measure.heldout_batches)
@@ -323,8 +323,8 @@ def print_summary(report: Report, console: Any = None) -> None:
 
     table = Table(title=f"potstill: {report['name']}", box=box.SIMPLE_HEAD, pad_edge=False)
     # compact for an 80-column terminal: the artifact names the row, worst-case metrics stay in report.md
-    data = [{k: v.replace(" ", "") for k, v in row.items() if k != "model" and not k.startswith("min_")}
-            for row in rows(report)]
+    data = [{k: v.replace(" ", "") if k in ("params", "size", "latency") else v for k, v in row.items()
+             if k != "model" and not k.startswith("min_")} for row in rows(report)]
     for header in data[0]:
         table.add_column(header, no_wrap=True)
     for row in data:

@@ -102,9 +102,13 @@ class Stage:
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def name(self) -> str:
+        """The technique's name; for a distill stage, its losses' names joined by '+'."""
+        return self.technique.name if self.technique is not None else "+".join(l.name for l in self.losses)
+
+    @property
     def label(self) -> str:
-        name = self.technique.name if self.technique is not None else "+".join(l.name for l in self.losses)
-        return f"{self.key}:{name}"
+        return f"{self.key}:{self.name}"
 
     @property
     def dirname(self) -> str:

@@ -176,6 +176,11 @@ class Context:
     notes: list[str] = field(default_factory=list)
     progress: bool = True
 
+    @property
+    def tokenizer(self) -> Any:
+        """The teacher's tokenizer (students share it), or None for models that take tensors."""
+        return self.teacher.tokenizer if self.teacher is not None else None
+
     def note(self, text: str) -> None:
         """Add a sentence to the report (for example: why a technique cannot make this backend faster)."""
         if text not in self.notes:

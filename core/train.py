@@ -132,7 +132,7 @@ class Distiller:
         """Train to ``options.steps`` (or stop after ``stop_after`` steps, for tests of resumption)."""
         ctx, options, task = self.ctx, self.options, self.ctx.task
         assert ctx.data is not None
-        tokenizer = ctx.teacher.tokenizer if ctx.teacher is not None else None
+        tokenizer = ctx.tokenizer
         resumed_from = self.step if self._try_resume() else None
         self.teacher.eval()
         self.student.train(options.dropout)

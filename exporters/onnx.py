@@ -28,6 +28,8 @@ from potstill.runtime import compare, ort_callable, session
 from potstill.techniques import Artifact, Context, Exporter, Options, Task
 
 _TWO_GB = 2 * 1024**3
+#: (batch, sequence) shapes compared with PyTorch, deliberately unlike the export example
+DEFAULT_CHECK_SHAPES: list[tuple[int, int]] = [(3, 7), (5, 37)]
 
 
 def export_onnx(model: nn.Module, task: Task, example: dict[str, torch.Tensor], path: Path, opset: int = 18) -> Path:
@@ -72,7 +74,7 @@ def export_onnx(model: nn.Module, task: Task, example: dict[str, torch.Tensor], 
 def check_batches(task: Task, ctx: Context, shapes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
     """Held-out batches at the given (batch, sequence) shapes, for parity checks."""
     assert ctx.data is not None
-    tokenizer = ctx.teacher.tokenizer if ctx.teacher is not None else None
+    tokenizer = ctx.tokenizer
     batches = []
     for batch_size, seq_len in shapes:
         examples = [ctx.data.heldout[i % len(ctx.data.heldout)] for i in range(batch_size)]
@@ -103,7 +105,7 @@ class OnnxExporter(Exporter):
         atol: float = Field(1e-4, gt=0, description="largest allowed |onnx - torch| at the check shapes (fp32)")
         filename: str = Field("model.onnx", pattern=r"^[\w.-]+\.onnx$")
         export_shape: tuple[int, int] = Field((2, 16), description="(batch, sequence) of the export example")
-        check_shapes: list[tuple[int, int]] = Field(default_factory=lambda: [(3, 7), (5, 37)],
+        check_shapes: list[tuple[int, int]] = Field(default_factory=lambda: list(DEFAULT_CHECK_SHAPES),
                                                     description="(batch, sequence) shapes compared with PyTorch")
 
     def export(self, model: nn.Module, ctx: Context, filename: str | None = None) -> list[Artifact]:
