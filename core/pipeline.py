@@ -74,7 +74,8 @@ def run(spec_or_path: Any, out: Any = None, overrides: list[str] | None = None, 
         shutil.rmtree(out / "stages")
     io.write_text(out / "spec.yaml", _yaml(spec.resolved()))
 
-    ctx = Context(seed=spec.seed, base_dir=spec.base_dir, out=out, task=spec.task, progress=progress)  # type: ignore[arg-type]
+    ctx = Context(seed=spec.seed, base_dir=spec.base_dir, out=out, task=spec.task, progress=progress,  # type: ignore[arg-type]
+                  spec_hash=spec.prefix_hash(len(spec.stages) - 1) if spec.stages else "")
     torch.manual_seed(spec.seed)
     ctx.data = spec.data.load(ctx)  # type: ignore[attr-defined]
     ctx.teacher = spec.teacher.load(ctx)  # type: ignore[attr-defined]
@@ -122,7 +123,8 @@ def run(spec_or_path: Any, out: Any = None, overrides: list[str] | None = None, 
 
 def _artifact_json(artifact: Artifact, out: Path) -> dict[str, Any]:
     return {"path": str(Path(artifact.path).relative_to(out)), "kind": artifact.kind, "runtime": artifact.runtime,
-            "parity": artifact.parity, "notes": artifact.notes, "sha256": io.sha256(artifact.path)}
+            "parity": artifact.parity, "notes": artifact.notes, "providers": artifact.providers,
+            "sha256": io.sha256(artifact.path)}
 
 
 def _cached_artifacts(meta_path: Path, out: Path) -> list[Artifact] | None:
@@ -133,7 +135,7 @@ def _cached_artifacts(meta_path: Path, out: Path) -> list[Artifact] | None:
         if not path.is_file() or io.sha256(path) != item["sha256"]:
             return None
         artifacts.append(Artifact(path=path, kind=item["kind"], runtime=item["runtime"], parity=item["parity"],
-                                  notes=item["notes"]))
+                                  notes=item["notes"], providers=item.get("providers", ["CPUExecutionProvider"])))
     return artifacts
 
 

@@ -116,7 +116,7 @@ def build_report(spec: Any, ctx: Context, model: nn.Module, teacher: nn.Module, 
     bench_inputs = task.benchmark_batch(ctx.data, tokenizer, measure.batch_size, measure.seq_len)
     batches = _eval_batches(ctx, measure.batch_size, measure.heldout_batches)
     reference = _torch_callable(teacher, ctx)
-    onnx = any(a.path.suffix == ".onnx" for a in ctx.artifacts)
+    onnx = any(a.measurable for a in ctx.artifacts)
 
     def entry(path: str, parameters: int, nonzero: int, size: int, latency: float | None,
               quality: dict[str, float], **extra: Any) -> dict[str, Any]:
@@ -144,12 +144,20 @@ def build_report(spec: Any, ctx: Context, model: nn.Module, teacher: nn.Module, 
 
     artifacts = []
     for artifact in ctx.artifacts:
+        relative = str(Path(artifact.path).relative_to(ctx.out))
+        if not artifact.measurable:  # e.g. a TensorRT build plan: listed, not run here
+            artifacts.append(entry(relative, count_parameters(model), nonzero_parameters(model), _bytes(artifact.path),
+                                   None, {}, kind=artifact.kind, runtime=artifact.runtime, parity=artifact.parity,
+                                   notes=artifact.notes))
+            continue
         latency = runtime.ort_latency_ms(artifact.path, bench_inputs, measure.threads, measure.warmup,
-                                         measure.repeats) if measure.latency else None
-        quality = task.evaluate(reference, runtime.ort_callable(runtime.session(artifact.path)), batches)
-        artifacts.append(entry(str(Path(artifact.path).relative_to(ctx.out)), count_parameters(model),
-                               nonzero_parameters(model), runtime.onnx_bytes(artifact.path), latency, quality,
-                               kind=artifact.kind, runtime=artifact.runtime, parity=artifact.parity, notes=artifact.notes))
+                                         measure.repeats, artifact.providers) if measure.latency else None
+        sess = runtime.session(artifact.path, providers=artifact.providers)
+        quality = task.evaluate(reference, runtime.ort_callable(sess), batches)
+        artifacts.append(entry(relative, count_parameters(model), nonzero_parameters(model),
+                               runtime.onnx_bytes(artifact.path), latency, quality, kind=artifact.kind,
+                               runtime=artifact.runtime, parity=artifact.parity, notes=artifact.notes,
+                               providers=sess.get_providers()))
     if not ctx.artifacts:
         with _threads(measure.threads):
             latency = _torch_latency(model, ctx, bench_inputs, measure.warmup, measure.repeats) if measure.latency else None
@@ -208,6 +216,12 @@ class _threads:
 
     def __exit__(self, *exc: Any) -> None:
         torch.set_num_threads(self.previous)
+
+
+def _bytes(path: Path) -> int:
+    """Size of a file, or of everything in a folder."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _state_bytes(model: nn.Module) -> int:

@@ -43,8 +43,8 @@ def median_ms(fn: Callable[[], Any], warmup: int = 5, repeats: int = 30) -> floa
 
 
 def ort_latency_ms(path: Path | str, inputs: dict[str, torch.Tensor], threads: int = 1, warmup: int = 5,
-                   repeats: int = 30) -> float:
-    sess = session(path, threads)
+                   repeats: int = 30, providers: list[str] | None = None) -> float:
+    sess = session(path, threads, providers)
     feed = {i.name: inputs[i.name].numpy() for i in sess.get_inputs()}
     return median_ms(lambda: sess.run(None, feed), warmup, repeats)
 

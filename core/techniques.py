@@ -157,6 +157,13 @@ class Artifact:
     runtime: str = "onnxruntime"
     parity: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: ONNX Runtime execution providers to run it with (the report times and evaluates it with these)
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+
+    @property
+    def measurable(self) -> bool:
+        """Whether the report can run it here: an ONNX file for ONNX Runtime (not, say, a TensorRT plan)."""
+        return self.runtime.startswith("onnxruntime") and Path(self.path).suffix == ".onnx"
 
 
 @dataclass
@@ -167,6 +174,7 @@ class Context:
     base_dir: Path
     out: Path
     task: "Task"
+    spec_hash: str = ""  # hash of the whole resolved spec (exporters write it into artifacts' metadata)
     data: Dataset | None = None
     teacher: LoadedModel | None = None
     stage_dir: Path | None = None
