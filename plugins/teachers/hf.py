@@ -53,6 +53,12 @@ class HFTeacher(Teacher):
                 raise ValueError(f"not a Hugging Face model folder (no config.json): {path}")
             return str(path.resolve())
 
+    def fingerprint(self) -> str:
+        """Names, sizes and modification times of the folder's files: a changed model invalidates the cache."""
+        folder = Path(self.resolved_path())
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        return ";".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
+
     def resolved_path(self) -> str:
         path = self.options.path
         return bundled_path(path.split(":", 1)[1]) if path.startswith("bundled:") else path

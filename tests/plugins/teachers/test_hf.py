@@ -55,3 +55,18 @@ def test_dtype_option(tiny_teacher_dir, text_context):
     assert next(HFTeacher(path=str(tiny_teacher_dir), dtype="bfloat16").load(text_context()).model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ValidationError):
         HFTeacher(path=str(tiny_teacher_dir), dtype="int8")
+
+
+def test_fingerprint_changes_when_the_model_folder_changes(tmp_path, tiny_teacher_dir):
+    import shutil
+
+    from potstill.plugins.teachers.hf import HFTeacher
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, folder)
+    teacher = HFTeacher(path=str(folder))
+    before = teacher.fingerprint()
+    assert before == HFTeacher(path=str(folder)).fingerprint()
+    with open(folder / "config.json", "a") as handle:
+        handle.write("\n")
+    assert teacher.fingerprint() != before
