@@ -1,4 +1,4 @@
-"""``potstill run | validate | plugins``.
+"""``potstill run | validate | plugins | verify | bench | build-engine``.
 
 User mistakes (bad spec, missing file, missing optional dependency, broken plugin) print one line per
 problem and exit 2 (1 for other failures), without a traceback; ``POTSTILL_DEBUG=1`` shows it.
@@ -35,7 +35,71 @@ def _parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list plugins and the techniques they register")
     plugins.add_argument("--json", action="store_true")
+
+    verify = sub.add_parser("verify", help="re-check a bundle: hashes, and every artifact against stored and fresh inputs")
+    verify.add_argument("bundle", help="bundle folder (the --out of `potstill run`)")
+    verify.add_argument("--seed", type=int, help="seed of the fresh inputs (default: a new one, printed)")
+
+    bench = sub.add_parser("bench", help="time every artifact of a bundle on this machine, side by side")
+    bench.add_argument("bundle", help="bundle folder (the --out of `potstill run`)")
+    bench.add_argument("--threads", type=_positive, help="intra-op threads (default: the run's measure.threads)")
+    bench.add_argument("--batch", type=_positive, help="batch size (default: the run's measure.batch_size)")
+    bench.add_argument("--seq", type=_positive, help="sequence length (default: the run's measure.seq_len)")
+    bench.add_argument("--warmup", type=_non_negative, help="warm-up runs per artifact (default: the run's)")
+    bench.add_argument("--repeats", type=_positive, help="timed runs per artifact (default: the run's, at least 10)")
+
+    engine = sub.add_parser("build-engine", help="build TensorRT engines from a bundle's plan on this GPU")
+    engine.add_argument("bundle", help="bundle folder (the --out of `potstill run`)")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
+def _verify(bundle: str, seed: int | None) -> int:
+    from potstill.bundle import verify
+
+    result = verify(bundle, seed=seed, echo=print)
+    if result.ok:
+        print(f"verify: ok, {len(result.checks)} checks on {bundle} (fresh inputs from --seed {result.seed})")
+        return 0
+    names = sorted({check.file for check in result.failed})
+    print(f"verify: FAILED, {len(result.failed)} of {len(result.checks)} checks, in {', '.join(names)} "
+          f"(replay with --seed {result.seed})")
+    return 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from potstill.bundle import bench, bench_table
+
+    result = bench(args.bundle, threads=args.threads, batch=args.batch, seq=args.seq, warmup=args.warmup,
+                   repeats=args.repeats)
+    print(bench_table(result))
+    print(json.dumps({"bench": result}))
+    return 0
+
+
+def _build_engine(bundle: str) -> int:
+    from pathlib import Path
+
+    try:
+        from potstill.exporters.tensorrt import build_engine
+    except ImportError as exc:
+        print(f"potstill: build-engine needs potstill.exporters.tensorrt, which cannot be imported here ({exc}); "
+              "install TensorRT from NVIDIA's index and `pip install 'potstill[tensorrt]'`", file=sys.stderr)
+        return 2
+    return build_engine(Path(bundle))
 
 
 def _plugins(as_json: bool) -> int:
@@ -67,6 +131,12 @@ def _main(args: argparse.Namespace) -> int:
         spec = check(args.spec, args.overrides)
         print(f"{args.spec}: ok ({len(spec.stages)} stages: {', '.join(s.label for s in spec.stages)})")
         return 0
+    if args.command == "verify":
+        return _verify(args.bundle, args.seed)
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "build-engine":
+        return _build_engine(args.bundle)
     if args.command == "run":
         from potstill.pipeline import run
         from potstill.report import print_summary

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from potstill import io
+from potstill.bundle import write_reference
 from potstill.plugin_manager import get_plugins
 from potstill.report import Report, build_report, write_bundle
 from potstill.spec import Spec, Stage, load
@@ -117,14 +118,28 @@ def run(spec_or_path: Any, out: Any = None, overrides: list[str] | None = None, 
     if not ctx.artifacts:
         ctx.note("No export stage: the report measures the PyTorch model only.")
     report = build_report(spec, ctx, model, teacher, timings)
-    write_bundle(out, spec, report)
+    reference = write_reference(out, ctx, model, teacher, report)  # before the manifest, which hashes it
+    write_bundle(out, spec, report, reference)
     return report
 
 
 def _artifact_json(artifact: Artifact, out: Path) -> dict[str, Any]:
     return {"path": str(Path(artifact.path).relative_to(out)), "kind": artifact.kind, "runtime": artifact.runtime,
             "parity": artifact.parity, "notes": artifact.notes, "providers": artifact.providers,
-            "sha256": io.sha256(artifact.path)}
+            "sha256": _tree_sha256(artifact.path)}
+
+
+def _tree_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder artifact (a TensorRT plan) over its files' relative names and hashes."""
+    path = Path(path)
+    if not path.is_dir():
+        return io.sha256(path)
+    import hashlib
+
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{item.relative_to(path).as_posix()}\0{io.sha256(item)}\n".encode())
+    return digest.hexdigest()
 
 
 def _cached_artifacts(meta_path: Path, out: Path) -> list[Artifact] | None:
@@ -132,7 +147,7 @@ def _cached_artifacts(meta_path: Path, out: Path) -> list[Artifact] | None:
     artifacts = []
     for item in io.read_json(meta_path).get("artifacts", []):
         path = out / item["path"]
-        if not path.is_file() or io.sha256(path) != item["sha256"]:
+        if not path.exists() or _tree_sha256(path) != item["sha256"]:
             return None
         artifacts.append(Artifact(path=path, kind=item["kind"], runtime=item["runtime"], parity=item["parity"],
                                   notes=item["notes"], providers=item.get("providers", ["CPUExecutionProvider"])))
@@ -205,7 +220,11 @@ def _quantize_artifacts(quantizer: Quantizer, ctx: Context, model: nn.Module, ca
     from potstill.exporters.onnx import DEFAULT_CHECK_SHAPES, check_batches, parity
 
     results = []
-    for source in sources if sources is not None else [a for a in ctx.artifacts if a.kind == "onnx-fp32"]:
+    # only plain fp32 ONNX files are quantized: not a TensorRT plan folder, not an already-quantized model
+    candidates = [a for a in (sources if sources is not None else ctx.artifacts) if a.kind == "onnx-fp32" and a.measurable]
+    if not candidates:
+        ctx.note(f"{quantizer.name}: no fp32 ONNX artifact to quantize (it applies to `export: {{name: onnx}}` output).")
+    for source in candidates:
         destination = source.path.with_name(f"{source.path.stem}.{quantizer.options.suffix}.onnx")  # type: ignore[attr-defined]
         artifact = quantizer.quantize_onnx(source.path, destination, ctx)
         batches = check_batches(ctx.task, ctx, DEFAULT_CHECK_SHAPES)

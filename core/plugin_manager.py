@@ -45,6 +45,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "potstill.plugins.pruners.magnitude",
     "potstill.plugins.quantizers.ort_int8_dynamic",
     "potstill.exporters.onnx",
+    "potstill.exporters.optimum",
+    "potstill.exporters.tensorrt",
+    "potstill.exporters.ort_gpu",
 )
 
 #: kind -> (hook name, base class)

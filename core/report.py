@@ -9,6 +9,7 @@ numbers include export and quantization error.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import platform
 import sys
@@ -64,6 +65,13 @@ def _versions() -> dict[str, str]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
+    if importlib.util.find_spec("tensorrt") is not None:  # from NVIDIA's index, under several dist names
+        try:
+            import tensorrt
+
+            versions["tensorrt"] = tensorrt.__version__
+        except Exception:  # installed but unloadable (no CUDA driver): the bundle still records that it is there
+            versions["tensorrt"] = "installed, not importable here"
     return versions
 
 
@@ -108,6 +116,7 @@ def _teacher_onnx(ctx: Context, teacher: nn.Module, fingerprint: str) -> Path:
 
 def build_report(spec: Any, ctx: Context, model: nn.Module, teacher: nn.Module, stages: list[dict[str, Any]]) -> Report:
     from potstill import runtime
+    from potstill.bundle import op_precision
 
     measure = spec.top.measure
     task = ctx.task
@@ -133,7 +142,7 @@ def build_report(spec: Any, ctx: Context, model: nn.Module, teacher: nn.Module, 
         teacher_quality = task.evaluate(reference, runtime.ort_callable(runtime.session(teacher_path)), batches)
         teacher_entry = entry(teacher_path.name, count_parameters(teacher), nonzero_parameters(teacher),
                               runtime.onnx_bytes(teacher_path), teacher_latency, teacher_quality, kind="onnx-fp32",
-                              runtime="onnxruntime")
+                              runtime="onnxruntime", ops=op_precision(teacher_path))
     else:
         with _threads(measure.threads):
             teacher_latency = _torch_latency(teacher, ctx, bench_inputs, measure.warmup, measure.repeats) \
@@ -157,7 +166,7 @@ def build_report(spec: Any, ctx: Context, model: nn.Module, teacher: nn.Module, 
         artifacts.append(entry(relative, count_parameters(model), nonzero_parameters(model),
                                runtime.onnx_bytes(artifact.path), latency, quality, kind=artifact.kind,
                                runtime=artifact.runtime, parity=artifact.parity, notes=artifact.notes,
-                               providers=sess.get_providers()))
+                               providers=sess.get_providers(), ops=op_precision(artifact.path)))
     if not ctx.artifacts:
         with _threads(measure.threads):
             latency = _torch_latency(model, ctx, bench_inputs, measure.warmup, measure.repeats) if measure.latency else None
@@ -173,6 +182,8 @@ def build_report(spec: Any, ctx: Context, model: nn.Module, teacher: nn.Module, 
         if item["latency_ms"] and teacher_entry["latency_ms"] and not item["faster"]:
             ctx.note(f"{item['path']} is not faster than the teacher on {item['runtime']} "
                      f"({item['latency_ms']:.2f} ms vs {teacher_entry['latency_ms']:.2f} ms).")
+
+    _note_slower_than_fp32(artifacts, ctx)
 
     try:
         import onnxruntime
@@ -204,6 +215,26 @@ def build_report(spec: Any, ctx: Context, model: nn.Module, teacher: nn.Module, 
         "notes": list(ctx.notes),
     }
     return Report(data, ctx.out)
+
+
+def _note_slower_than_fp32(artifacts: list[dict[str, Any]], ctx: Context) -> None:
+    """Warn when lowering precision cost time: a quantized model slower than the fp32 one it came from.
+
+    That happens (int8 on a CPU without VNNI, fp16 on a CPU at all), and a deployment engineer should
+    learn it from the report, not from production.
+    """
+    from potstill.bundle import fp32_sibling
+
+    by_path = {item["path"]: item for item in artifacts}
+    pairs = [(item["path"], item["kind"]) for item in artifacts]
+    for item in artifacts:
+        sibling = fp32_sibling(item["path"], item["kind"], pairs)
+        if sibling is None or not item["latency_ms"] or not by_path[sibling]["latency_ms"]:
+            continue
+        if item["latency_ms"] > by_path[sibling]["latency_ms"]:
+            ctx.note(f"warning: {item['path']} is slower than its fp32 counterpart {sibling} on {item['runtime']} "
+                     f"({item['latency_ms']:.2f} ms vs {by_path[sibling]['latency_ms']:.2f} ms); ship {sibling} "
+                     "for this runtime, or measure on the deployment hardware (`potstill bench`).")
 
 
 class _threads:
@@ -251,10 +282,12 @@ def rows(report: Report) -> list[dict[str, str]]:
             "latency": "-" if item["latency_ms"] is None else f"{item['latency_ms']:.2f} ms",
             "speed-up": f"{item['speedup']:.2f}x" if "speedup" in item else ("1.00x" if label == "teacher" else "-"),
         }
-        row[metric] = f"{quality.get(metric, float('nan')):.4f}"
+        row[metric] = f"{quality[metric]:.4f}" if metric in quality else "-"
         row.update({name: f"{value:.4f}" for name, value in quality.items() if name != metric})
         out.append(row)
-    return out
+    # an artifact not run here (a TensorRT plan) has no quality: its cells are "-", every row has every column
+    columns = list(dict.fromkeys(key for row in out for key in row))
+    return [{key: row.get(key, "-") for key in columns} for row in out]
 
 
 def _plot(report: Report, path: Path) -> bool:
@@ -297,6 +330,10 @@ def markdown(report: Report, plot: str | None) -> str:
               f"median of {m['repeats']} runs after {m['warmup']} warm-up runs. Quality: {m['quality_on']}.", ""]
     if plot:
         lines += [f"![quality against latency]({plot})", ""]
+    ops = [(item["path"], item["ops"]) for item in [report.teacher] + report.artifacts if item.get("ops")]
+    if ops:
+        lines += ["## Precision by op", "", "| artifact | int8 ops | fp16 ops | fp32 ops |", "|---|---|---|---|"]
+        lines += [f"| {path} | {o['int8']} | {o['fp16']} | {o['fp32']} |" for path, o in ops] + [""]
     lines += ["## Stages", "", "| # | stage | technique | seconds | cached |", "|---|---|---|---|---|"]
     lines += [f"| {i} | {s['stage']} | {s['name']} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} |"
               for i, s in enumerate(report.stages)]
@@ -305,8 +342,17 @@ def markdown(report: Report, plot: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_bundle(out: Path, spec: Any, report: Report) -> None:
-    """report.json, report.md with its plot, and manifest.json (written last, over every other file)."""
+def write_bundle(out: Path, spec: Any, report: Report, reference: dict[str, Any] | None = None) -> None:
+    """report.json, report.md with its plot, and manifest.json (written last, over every other file).
+
+    The manifest is what `potstill verify` checks on another machine: relative paths (a moved bundle
+    still verifies), every file's sha256, the versions that produced it, and per artifact its opset, op
+    precision, measured parity and latency, and the tolerance it is re-checked with.
+
+    :param reference: what :func:`potstill.bundle.write_reference` returned (None: no reference data).
+    """
+    from potstill.bundle import manifest_artifacts
+
     (out / REPORT_DIR).mkdir(exist_ok=True)
     plot_name = f"{REPORT_DIR}/quality_latency.png"
     plotted = _plot(report, out / plot_name)
@@ -323,7 +369,10 @@ def write_bundle(out: Path, spec: Any, report: Report) -> None:
         "command": " ".join(sys.argv),
         "stages": [{"kind": s["kind"], "name": s["name"], "seconds": s["seconds"], "cached": s["cached"]}
                    for s in report.stages],
-        "files": {str(p.relative_to(out)): {"sha256": io.sha256(p), "bytes": p.stat().st_size} for p in files},
+        "measurement": report["measurement"],
+        "artifacts": manifest_artifacts(out, report, reference),
+        "reference": {k: v for k, v in reference.items() if k != "checks"} if reference else None,
+        "files": {p.relative_to(out).as_posix(): {"sha256": io.sha256(p), "bytes": p.stat().st_size} for p in files},
     }
     io.write_json(out / "manifest.json", manifest)
 

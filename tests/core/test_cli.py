@@ -223,3 +223,35 @@ def test_console_script_is_installed():
         pytest.fail(f"console script not installed next to {sys.executable}")
     result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == f"potstill {__version__}"
+
+
+# ------------------------------------------------------------------ bundle commands (verify, bench: tests/core/test_bundle.py)
+
+
+def test_build_engine_calls_the_tensorrt_exporter(tmp_path, monkeypatch):
+    called = []
+    module = types.ModuleType("potstill.exporters.tensorrt")
+    module.build_engine = lambda bundle: called.append(bundle) or 0
+    monkeypatch.setitem(sys.modules, "potstill.exporters.tensorrt", module)
+    assert main(["build-engine", str(tmp_path)]) == 0
+    assert called == [tmp_path]
+
+
+def test_build_engine_without_the_exporter_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "potstill.exporters.tensorrt", None)  # import raises ImportError
+    assert main(["build-engine", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("potstill: build-engine needs potstill.exporters.tensorrt")
+
+
+def test_bench_rejects_a_zero_repeat_count(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", str(tmp_path), "--repeats", "0"])
+    assert exit_info.value.code == 2
+    assert "--repeats: must be at least 1 (got 0)" in capsys.readouterr().err
+
+
+def test_verify_subprocess_on_a_missing_bundle_has_no_traceback(tmp_path):
+    result = potstill("verify", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"potstill: {tmp_path / 'nowhere'}: no such folder; pass a bundle folder (the --out of `potstill run`)"
