@@ -295,3 +295,22 @@ def test_variant_options():
     with pytest.raises(ValidationError):
         OnnxExporter(min_cosine=1.5)
     assert OnnxExporter().options.optimize == "none" and OnnxExporter().options.opset == 20
+
+
+def test_a_training_only_module_is_left_out_of_the_export(exported, tmp_path):
+    """An auxiliary head attached to the model but not on its inference path (as a dual-head or
+    projector loss would use it) must not reach the artifact: the exporter traces the task's forward only."""
+    import copy
+
+    import onnx
+    from potstill.runtime import onnx_parameters
+
+    model, ctx, artifacts = exported
+    with_head = copy.deepcopy(model)
+    with_head.auxiliary_head = torch.nn.Linear(32, 7)  # 7 x 32: a shape nothing else in the model has
+    ctx_here = copy.copy(ctx)
+    ctx_here.out = tmp_path
+    [artifact] = OnnxExporter().export(with_head, ctx_here)
+    shapes = {tuple(init.dims) for init in onnx.load(str(artifact.path)).graph.initializer}
+    assert (7, 32) not in shapes and (7,) not in shapes
+    assert onnx_parameters(artifact.path) == onnx_parameters(artifacts[0].path)
