@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from torch import nn
 
 pytest.importorskip("optimum.exporters.onnx", reason="install potstill[optimum]")
 
 from potstill.exporters.optimum import NotAHuggingFaceModel, OptimumExporter  # noqa: E402
-from potstill.runtime import ort_callable, session  # noqa: E402
+from potstill.runtime import session  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +42,11 @@ def exported(tiny_teacher_dir, tokenizer, sentences, tmp_path_factory):
     return model, ctx, artifact
 
 
-def test_tiny_hf_bert_passes_parity_at_other_shapes(exported, sentences, tokenizer):
+def test_tiny_hf_bert_passes_parity_at_other_shapes(exported, sentences, tokenizer, assert_matches_pytorch):
     model, ctx, artifact = exported
     assert artifact.kind == "onnx-fp32" and artifact.parity["passed"]
     assert artifact.parity["max_abs_diff"] <= 1e-4 and artifact.parity["shapes"] == [[3, 7], [5, 37]]
-    run = ort_callable(session(artifact.path))
-    module = ctx.task.export_module(model)
-    for batch_size, seq_len in [(1, 5), (4, 23), (7, 61)]:
-        batch = ctx.task.collate(sentences[200:200 + batch_size], tokenizer, pad_to=seq_len)
-        with torch.no_grad():
-            reference = module(batch["input_ids"], batch["attention_mask"])
-        candidate = run(batch)
-        assert candidate.shape == reference.shape == (batch_size, 32)
-        assert float((candidate - reference).abs().max()) <= 1e-4
+    assert_matches_pytorch(artifact.path, model, ctx.task, sentences, tokenizer, [(1, 5), (4, 23), (7, 61)])
 
 
 def test_the_artifact_takes_the_tasks_inputs_and_gives_its_output(exported):

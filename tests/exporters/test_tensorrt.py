@@ -16,7 +16,6 @@ from torch import nn
 import potstill.exporters.tensorrt as trt_exporter
 from potstill.exporters.tensorrt import (TensorRTExporter, build_engine, count_ops, foldable_nodes, make_trt_ready,
                                          trtexec_command)
-from potstill.runtime import ort_callable, session
 from potstill.techniques import Artifact, Context, Dataset, LoadedModel
 
 OPTIONS = {"precision": "fp16", "min_shape": (1, 4), "opt_shape": (4, 24), "max_shape": (8, 48)}
@@ -115,7 +114,7 @@ def test_precision_flags(precision, flags):
     assert "--memPoolSize=workspace:2048" in command and "--optShapes=x:2x64" in command
 
 
-def test_trt_ready_onnx_is_folded_and_matches_pytorch_at_other_shapes(planned, sentences, tokenizer):
+def test_trt_ready_onnx_is_folded_and_matches_pytorch_at_other_shapes(planned, sentences, tokenizer, assert_matches_pytorch):
     import onnx
 
     model, ctx, (onnx_artifact, _) = planned
@@ -124,15 +123,7 @@ def test_trt_ready_onnx_is_folded_and_matches_pytorch_at_other_shapes(planned, s
     assert folding["nodes_after"] <= folding["nodes_before"]
     assert foldable_nodes(onnx.load(str(onnx_artifact.path))) == 0
     # checked independently of the exporter, at shapes unlike the export example (2, 16) and the profile corners
-    run = ort_callable(session(onnx_artifact.path))
-    module = ctx.task.export_module(model)
-    for batch_size, seq_len in [(1, 5), (3, 23), (7, 41)]:
-        batch = ctx.task.collate(sentences[300:300 + batch_size], tokenizer, pad_to=seq_len)
-        with torch.no_grad():
-            reference = module(batch["input_ids"], batch["attention_mask"])
-        candidate = run(batch)
-        assert candidate.shape == reference.shape == (batch_size, 32)
-        assert float((candidate - reference).abs().max()) <= 1e-4
+    assert_matches_pytorch(onnx_artifact.path, model, ctx.task, sentences, tokenizer, [(1, 5), (3, 23), (7, 41)])
 
 
 def test_folding_removes_constant_subgraphs(tmp_path):
