@@ -35,6 +35,7 @@ from torch import nn
 
 from potstill import io
 from potstill.errors import PotstillError
+from potstill.runtime import measurable, ort_callable, session
 
 REFERENCE_DIR = "reference"
 INPUTS = f"{REFERENCE_DIR}/inputs.safetensors"
@@ -133,11 +134,6 @@ def op_precision(path: str | Path) -> dict[str, int]:
 
     visit(model.graph)
     return counts
-
-
-def _measurable(path: Path, runtime: str) -> bool:
-    # the same rule as Artifact.measurable, for entries read back from a manifest
-    return runtime.startswith("onnxruntime") and path.suffix == ".onnx"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,15 +257,8 @@ def _cosine_floor(measured: float) -> float:
     return round(max(0.0, measured - max(0.005, 0.5 * (1.0 - measured))), 6)
 
 
-def _session(path: Path, providers: list[str] | None, threads: int = 1) -> Any:
-    from potstill.runtime import session
-
-    return session(path, threads=threads, providers=providers)
-
-
 def _run(sess: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    feed = {value.name: batch[value.name].numpy() for value in sess.get_inputs()}
-    return torch.from_numpy(np.asarray(sess.run(None, feed)[0]))
+    return ort_callable(sess)(batch)
 
 
 def write_reference(out: Path, ctx: Any, model: nn.Module, teacher: nn.Module, report: Any) -> dict[str, Any] | None:
@@ -284,7 +273,7 @@ def write_reference(out: Path, ctx: Any, model: nn.Module, teacher: nn.Module, r
     from potstill.runtime import compare
 
     entries = [e for e in [report.teacher] + report.artifacts if str(e["path"]).endswith(".onnx")
-               and _measurable(out / e["path"], e.get("runtime", "onnxruntime"))]
+               and measurable(out / e["path"], e.get("runtime", "onnxruntime"))]
     if not entries:
         return None
     task = ctx.task
@@ -316,7 +305,7 @@ def write_reference(out: Path, ctx: Any, model: nn.Module, teacher: nn.Module, r
     for entry in entries:
         path = entry["path"]
         role = "teacher" if path == TEACHER else "student"
-        sess = _session(out / path, entry.get("providers"))
+        sess = session(out / path, providers=entry.get("providers"))
         outputs[path] = [_run(sess, batch) for batch in stored]
         worst = _worst([compare(r, o) for r, o in zip(references[role], outputs[path])])
         check: dict[str, Any] = {"reference": role}
@@ -332,7 +321,7 @@ def write_reference(out: Path, ctx: Any, model: nn.Module, teacher: nn.Module, r
             if "min_cosine" in entry.get("parity", {}):
                 measured.append(float(entry["parity"]["min_cosine"]))
             if sibling is not None:
-                sibling_sess = _session(out / sibling, None)
+                sibling_sess = session(out / sibling)
                 axes = _input_axes(sibling_sess)
                 fresh = [b for b, _ in recombined_rows(stored, {}, rng)]
                 fresh += [random_inputs(stored, axes, rng, vocab_size) for _ in range(FRESH_BATCHES)]
@@ -365,7 +354,7 @@ def manifest_artifacts(out: Path, report: Any, reference: dict[str, Any] | None)
             continue
         runtime = entry.get("runtime", "onnxruntime")
         item: dict[str, Any] = {"path": path, "kind": entry["kind"], "runtime": runtime,
-                                "measurable": _measurable(out / path, runtime),
+                                "measurable": measurable(out / path, runtime),
                                 "providers": entry.get("providers", ["CPUExecutionProvider"])}
         if path.endswith(".onnx") and (out / path).is_file():
             item["opset"] = onnx_opset(out / path)
@@ -523,7 +512,7 @@ def verify(bundle: Path | str, seed: int | None = None, echo: Callable[[str], No
             add(Check("skip", "run", path, f"not run here: {', '.join(missing)} not available in this onnxruntime"))
             continue
         try:
-            sess = _session(bundle / path, usable)
+            sess = session(bundle / path, providers=usable)
             stored_out = [_run(sess, batch) for batch in stored]
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -602,7 +591,7 @@ def bench(bundle: Path | str, threads: int | None = None, batch: int | None = No
     for item in artifacts:
         usable, _ = _available(item.get("providers") or ["CPUExecutionProvider"])
         if usable:
-            sessions[item["path"]] = _session(bundle / item["path"], usable, threads)
+            sessions[item["path"]] = session(bundle / item["path"], threads, usable)
     if not sessions:
         raise BundleError(f"{bundle}: no artifact can run here (ONNX Runtime providers missing)")
     first = next(iter(sessions.values()))

@@ -21,6 +21,11 @@ def session(path: Path | str, threads: int = 1, providers: list[str] | None = No
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
+def measurable(path: Path | str, runtime: str) -> bool:
+    """Whether potstill can run an artifact here: an ONNX file for ONNX Runtime (not, say, a TensorRT plan)."""
+    return runtime.startswith("onnxruntime") and Path(path).suffix == ".onnx"
+
+
 def ort_callable(sess: Any) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     names = [i.name for i in sess.get_inputs()]
 

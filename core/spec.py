@@ -36,7 +36,7 @@ from pydantic import Field, ValidationError
 
 from potstill.errors import SpecError
 from potstill.plugin_manager import Plugins, get_plugins
-from potstill.techniques import ExistingPath, Loss, Options, Technique
+from potstill.techniques import Loss, Options, Technique
 
 SPEC_VERSION = 1
 

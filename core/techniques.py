@@ -163,7 +163,9 @@ class Artifact:
     @property
     def measurable(self) -> bool:
         """Whether the report can run it here: an ONNX file for ONNX Runtime (not, say, a TensorRT plan)."""
-        return self.runtime.startswith("onnxruntime") and Path(self.path).suffix == ".onnx"
+        from potstill.runtime import measurable
+
+        return measurable(self.path, self.runtime)
 
 
 @dataclass

@@ -11,7 +11,6 @@ YAML:  - {name: hidden_mse, student_layer: -1, teacher_layer: -1, weight: 1.0}
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
