@@ -68,6 +68,16 @@ def run(spec_or_path: Any, out: Any = None, overrides: list[str] | None = None, 
         (for tests of resumption); the bundle is then incomplete and the report is not written.
     """
     spec = check(spec_or_path, overrides)
+    previous_threads = torch.get_num_threads()
+    if spec.top.threads:
+        torch.set_num_threads(spec.top.threads)
+    try:
+        return _run(spec, out, fresh, progress, stop_after_steps)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(spec: Spec, out: Any, fresh: bool, progress: bool, stop_after_steps: int | None) -> Report:
     get_plugins()
     out = Path(out) if out is not None else Path("runs") / spec.name
     out.mkdir(parents=True, exist_ok=True)

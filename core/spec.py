@@ -89,6 +89,8 @@ class TopLevel(Options):
     teacher: dict[str, Any]
     stages: list[dict[str, Any]] = []
     measure: MeasureOptions = MeasureOptions()
+    threads: int | None = Field(None, gt=0, description="torch threads while training (default: torch's own); "
+                                "1 is steadier on a busy machine. Latency is always timed with measure.threads")
 
 
 @dataclass
@@ -160,6 +162,7 @@ class Spec:
             "teacher": entry(self.teacher),
             "stages": stages,
             "measure": self.top.measure.model_dump(mode="json"),
+            "threads": self.top.threads,
         }
 
     def prefix_hash(self, upto: int) -> str:

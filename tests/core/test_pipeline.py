@@ -233,3 +233,26 @@ def test_quantize_after_export_is_reused_too(tiny_spec, tmp_path):
     assert [stage["cached"] for stage in again.stages] == [True] * 3
     assert mtimes(tmp_path, "model.onnx", "model.int8.onnx") == before
     assert [a["path"] for a in again.artifacts] == ["model.onnx", "model.int8.onnx"]
+
+
+def test_threads_apply_during_the_run_and_are_restored(tiny_spec, tmp_path, monkeypatch):
+    import torch
+
+    import potstill.train as train
+
+    seen = []
+    original = train.Distiller.run
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.Distiller, "run", spy)
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    spec = tiny_spec(stages=[{"student": {"name": "layer_drop", "keep": [0]}},
+                             {"distill": {"steps": 1, "batch_size": 4, "losses": [{"name": "embedding_cosine"}]}}],
+                     threads=wanted, measure={"latency": False, "heldout_batches": 1, "batch_size": 4, "seq_len": 16})
+    run(spec, out=tmp_path / "b", progress=False)
+    assert seen == [wanted]
+    assert torch.get_num_threads() == before
