@@ -46,7 +46,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field
@@ -117,17 +117,21 @@ def check_batches(task: Task, ctx: Context, shapes: list[tuple[int, int]]) -> li
 
 
 @torch.no_grad()
-def parity(path: Path, model: nn.Module, task: Task, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Worst-case difference between ONNX Runtime and PyTorch over ``batches``."""
-    run = ort_callable(session(path))
+def worst_difference(candidate: Callable[[dict[str, torch.Tensor]], torch.Tensor], model: nn.Module, task: Task,
+                     batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Worst-case difference between ``candidate(batch)`` (any runtime) and PyTorch over ``batches``."""
     module = task.export_module(model).eval()
     worst = {"max_abs_diff": 0.0, "min_cosine": 1.0}
     for batch in batches:
-        reference = module(*task.export_inputs(batch).values())
-        result = compare(reference, run(batch))
+        result = compare(module(*task.export_inputs(batch).values()), candidate(batch))
         worst["max_abs_diff"] = max(worst["max_abs_diff"], result["max_abs_diff"])
         worst["min_cosine"] = min(worst["min_cosine"], result["min_cosine"])
     return worst
+
+
+def parity(path: Path, model: nn.Module, task: Task, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Worst-case difference between ONNX Runtime (CPU) and PyTorch over ``batches``."""
+    return worst_difference(ort_callable(session(path)), model, task, batches)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,15 +16,14 @@ YAML:  {name: ort_gpu, providers: [CUDAExecutionProvider, CPUExecutionProvider]}
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from potstill.hookspecs import hookimpl
-from potstill.runtime import compare, ort_callable, session
-from potstill.techniques import Artifact, Context, Exporter, Options, Task
+from potstill.runtime import ort_callable, session
+from potstill.techniques import Artifact, Context, Exporter, Options
 
 Provider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -55,7 +54,7 @@ class OrtGpuExporter(Exporter):
             return providers
 
     def export(self, model: nn.Module, ctx: Context) -> list[Artifact]:
-        from potstill.exporters.onnx import check_batches, export_onnx
+        from potstill.exporters.onnx import check_batches, export_onnx, worst_difference
 
         options = self.options
         task = ctx.task
@@ -79,7 +78,8 @@ class OrtGpuExporter(Exporter):
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
 
         shapes = [tuple(s) for s in options.check_shapes]
-        result = _parity(sess, model, task, check_batches(task, ctx, shapes))
+        # with the session's own providers, not parity()'s CPU session
+        result = worst_difference(ort_callable(sess), model, task, check_batches(task, ctx, shapes))
         result.update(shapes=[list(s) for s in shapes], atol=options.atol, providers=used)
         result["passed"] = result["max_abs_diff"] <= options.atol
         if not result["passed"]:
@@ -87,19 +87,6 @@ class OrtGpuExporter(Exporter):
                                f"{result['max_abs_diff']:.3g} (> atol {options.atol}) at shapes {result['shapes']}")
         return [Artifact(path=path, kind="onnx-fp32", runtime="onnxruntime-gpu", parity=result, notes=notes,
                          providers=used)]
-
-
-@torch.no_grad()
-def _parity(sess: Any, model: nn.Module, task: Task, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Worst-case difference between the session (with its providers) and PyTorch over ``batches``."""
-    run = ort_callable(sess)
-    module = task.export_module(model).eval()
-    worst: dict[str, Any] = {"max_abs_diff": 0.0, "min_cosine": 1.0}
-    for batch in batches:
-        result = compare(module(*task.export_inputs(batch).values()), run(batch))
-        worst["max_abs_diff"] = max(worst["max_abs_diff"], result["max_abs_diff"])
-        worst["min_cosine"] = min(worst["min_cosine"], result["min_cosine"])
-    return worst
 
 
 @hookimpl

@@ -39,7 +39,6 @@ from torch import nn
 
 from potstill import __version__, io
 from potstill.hookspecs import hookimpl
-from potstill.runtime import compare
 from potstill.techniques import Artifact, Context, Exporter, Options, Task
 
 PLAN_DIR = "tensorrt"
@@ -367,7 +366,7 @@ class TensorRTExporter(Exporter):
         return unique
 
     def export(self, model: nn.Module, ctx: Context) -> list[Artifact]:
-        from potstill.exporters.onnx import check_batches, export_onnx
+        from potstill.exporters.onnx import check_batches, export_onnx, parity
 
         options = self.options
         task = ctx.task
@@ -397,7 +396,7 @@ class TensorRTExporter(Exporter):
             shapes = self.check_shapes()
             try:
                 batches = check_batches(task, ctx, shapes)
-                onnx_parity = _parity(work / ONNX_NAME, model, task, batches)
+                onnx_parity = parity(work / ONNX_NAME, model, task, batches)
             except Exception as exc:  # noqa: BLE001 - most often a max_shape beyond the model's positions
                 raise RuntimeError(f"export.tensorrt: the model does not run at the profile shapes {shapes}: {exc}") from exc
             onnx_parity.update(shapes=[list(s) for s in shapes], atol=options.atol, min_cosine_allowed=options.min_cosine)
@@ -497,24 +496,11 @@ def _replace_folder(new: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-@torch.no_grad()
-def _parity(path: Path, model: nn.Module, task: Task, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    from potstill.exporters.onnx import parity
-
-    return dict(parity(path, model, task, batches))
-
-
-@torch.no_grad()
 def _engine_parity(engine_path: Path, model: nn.Module, task: Task, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    from potstill.exporters.onnx import worst_difference
+
     run = engine_callable(engine_path, task.output_name())
-    module = task.export_module(model).eval()
-    worst = {"max_abs_diff": 0.0, "min_cosine": 1.0}
-    for batch in batches:
-        inputs = task.export_inputs(batch)
-        result = compare(module(*inputs.values()), run(inputs))
-        worst["max_abs_diff"] = max(worst["max_abs_diff"], result["max_abs_diff"])
-        worst["min_cosine"] = min(worst["min_cosine"], result["min_cosine"])
-    return worst
+    return worst_difference(lambda batch: run(task.export_inputs(batch)), model, task, batches)
 
 
 # --------------------------------------------------------------------------------------------------
