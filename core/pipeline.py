@@ -95,8 +95,10 @@ def _run(spec: Spec, out: Any, fresh: bool, progress: bool, stop_after_steps: in
     teacher = ctx.teacher.model
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    model: nn.Module = copy.deepcopy(teacher)  # with no student stage, the teacher itself is compressed
-    for parameter in model.parameters():
+    # with no student stage, the teacher itself is compressed; an external teacher (no local weights) is not
+    # copied: validation made sure the first stage builds the student
+    model: nn.Module = copy.deepcopy(teacher) if spec.teacher.local_weights else None  # type: ignore[assignment]
+    for parameter in model.parameters() if model is not None else ():
         parameter.requires_grad_(True)
 
     timings: list[dict[str, Any]] = []

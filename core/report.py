@@ -104,6 +104,8 @@ def _teacher_onnx(ctx: Context, teacher: nn.Module, fingerprint: str) -> Path:
     """The teacher exported once per teacher (reused across reruns), for a fair latency baseline."""
     from potstill.exporters.onnx import OnnxExporter
 
+    if getattr(teacher, "onnx_path", None) is not None:  # an ONNX teacher is timed as the file it runs
+        return Path(teacher.onnx_path)  # type: ignore[arg-type]
     path = ctx.out / "teacher.onnx"
     meta = ctx.out / "stages" / "teacher.json"
     if path.is_file() and meta.is_file() and io.read_json(meta).get("fingerprint") == fingerprint \
@@ -133,7 +135,12 @@ def build_report(spec: Any, ctx: Context, model: nn.Module, teacher: nn.Module, 
                 "latency_ms": None if latency is None else round(latency, 3),
                 "quality": {k: round(v, 6) for k, v in quality.items()}, **extra}
 
-    if onnx:
+    external = not getattr(spec.teacher, "local_weights", True)
+    if external and getattr(teacher, "onnx_path", None) is None:
+        # a teacher behind an API, a cache or an ensemble: its quality is the reference; nothing local to time
+        teacher_entry = entry(f"(external teacher: {spec.teacher.name})", int(getattr(teacher, "parameter_count", 0)), 0,
+                              0, None, task.evaluate(reference, reference, batches), kind="external", runtime="-")
+    elif onnx or external:
         teacher_fingerprint = hashlib.sha256(json.dumps([spec.resolved()["teacher"], spec.teacher.fingerprint(),
                                                          spec.resolved()["task"]], sort_keys=True).encode()).hexdigest()
         teacher_path = _teacher_onnx(ctx, teacher, teacher_fingerprint)

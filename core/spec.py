@@ -359,6 +359,18 @@ class _Validator:
         return cls(options) if ok else None
 
 
+def nested_technique(kind: str, value: Any, base_dir: Path | str = ".", plugins: Plugins | None = None) -> Technique:
+    """A technique named inside another's options (an ensemble's teachers, a cache's teacher), built and
+    validated; every problem is raised as one ``ValueError`` whose message gives the inner YAML path, so a
+    pydantic validator can call it and the outer path is added by the spec's error report."""
+    check = _Validator(plugins or get_plugins(), Path(base_dir))
+    technique = check.technique(kind, value, "")
+    if check.problems or technique is None:
+        raise ValueError("; ".join(f"{path.lstrip('.')}: {message}" if path else message for path, message in check.problems)
+                         or f"not a valid {kind}")
+    return technique
+
+
 def validate(raw: Any, base_dir: Path | str = ".", source: str | None = None, overrides: list[str] | None = None,
              plugins: Plugins | None = None) -> Spec:
     """Validate a parsed spec; raise :class:`SpecError` listing every problem, or return the :class:`Spec`."""
@@ -426,6 +438,14 @@ def validate(raw: Any, base_dir: Path | str = ".", source: str | None = None, ov
         stages.append(stage)
 
     check.problems.extend(_cross_stage_problems(raw_stages if isinstance(raw_stages, list) else [], check.plugins))
+    if teacher is not None and not type(teacher).local_weights:
+        first = stages[0] if stages else None
+        builds_own = first is not None and first.key == "student" and first.technique is not None \
+            and not type(first.technique).uses_teacher_weights
+        if not builds_own and not (first is not None and first.key == "student" and first.technique is None):
+            check.problems.append(("stages[0]" if stages else "stages",
+                                   f"teacher {teacher.name!r} has no local weights to copy or compress; start with a "
+                                   "student stage that builds its own model, e.g. `- student: {name: hf, path: ...}`"))
     if check.problems:
         raise SpecError(check.problems, source)
     assert top is not None and task is not None and data is not None and teacher is not None

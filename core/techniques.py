@@ -162,6 +162,35 @@ class Dataset:
     description: str = ""
 
 
+class ExternalOutput(dict):
+    """What an :class:`ExternalTeacher` returns: ``logits`` (and ``last_hidden_state`` / ``hidden_states`` where
+    it has them), readable as attributes like a Hugging Face ``ModelOutput``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self.get(name)
+
+
+class ExternalTeacher(nn.Module):
+    """A teacher model without local weights, called like the task's models are (for ``causal_lm`` and
+    ``sentence_embedding`` ``model(input_ids=..., attention_mask=..., output_hidden_states=...)`` returning an
+    :class:`ExternalOutput`; for ``classification`` ``model(x)`` returning logits). The pipeline does not copy,
+    train or export it; the report times it only when ``onnx_path`` names an ONNX file that computes it.
+
+    Teachers that only know a distribution's top k (an API, a cache) also implement ``topk(batch, k)`` returning
+    ``(indices, logprobs)`` of shape ``[..., k]`` (natural-log probabilities normalised over the vocabulary),
+    which :mod:`sparse_topk_kd` uses in place of the dense logits.
+    """
+
+    local_weights: ClassVar[bool] = False
+    #: an ONNX file computing this teacher, which the report times as the latency baseline
+    onnx_path: Path | None = None
+    #: the teacher's parameter count where known (the report shows it)
+    parameter_count: int = 0
+
+    def topk(self, batch: dict[str, Tensor], k: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} serves full logits only")
+
+
 @dataclass
 class LoadedModel:
     """A loaded model with what feeds it (a tokenizer for text models)."""
@@ -278,7 +307,15 @@ class Data(Technique):
 
 
 class Teacher(Technique):
-    """Loads the model whose behaviour the student learns."""
+    """Loads the model whose behaviour the student learns.
+
+    A teacher whose model holds no local weights (an :class:`ExternalTeacher`: ONNX Runtime, an HTTP endpoint,
+    an on-disk cache, an ensemble) sets ``local_weights = False``: the pipeline then neither copies nor exports
+    it, and the spec must start with a student stage that builds the student on its own (``uses_teacher_weights
+    = False``, for example ``- student: {name: hf, path: ...}``).
+    """
+
+    local_weights: ClassVar[bool] = True
 
     def load(self, ctx: Context) -> LoadedModel:
         raise NotImplementedError
@@ -286,6 +323,9 @@ class Teacher(Technique):
 
 class Student(Technique):
     """Builds (or searches) a student architecture, usually inheriting the teacher's weights."""
+
+    #: False for students built without the teacher's weights (usable with an external teacher)
+    uses_teacher_weights: ClassVar[bool] = True
 
     def build(self, teacher: nn.Module, ctx: Context) -> nn.Module:
         """Return a new module; must not modify ``teacher``. Called again, deterministically, on resume."""

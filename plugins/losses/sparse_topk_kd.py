@@ -32,7 +32,7 @@ from pydantic import Field
 from torch import Tensor
 
 from potstill.hookspecs import hookimpl
-from potstill.techniques import Loss, LossOptions, Outputs
+from potstill.techniques import ExternalTeacher, Loss, LossOptions, Outputs
 
 INDICES, LOGPROBS = "teacher_topk_indices", "teacher_topk_logprobs"
 
@@ -86,6 +86,14 @@ class SparseTopKKD(Loss):
     class Options(LossOptions):
         k: int = Field(20, ge=1, description="how many of the teacher's most probable classes/tokens are kept (at most V)")
         temperature: float = Field(1.0, gt=0, description="softening temperature (must be 1 with precomputed log-probs)")
+
+    def prepare(self, batch: dict[str, Tensor], student: torch.nn.Module, teacher: torch.nn.Module) -> dict[str, Tensor]:
+        """A teacher that serves only its top k (an API, a cache) fills the batch's top-k keys itself."""
+        if INDICES not in batch and isinstance(teacher, ExternalTeacher) and type(teacher).topk is not ExternalTeacher.topk:
+            with torch.no_grad():
+                indices, logprobs = teacher.topk(batch, self.options.k)
+            batch = {**batch, INDICES: indices, LOGPROBS: logprobs}
+        return batch
 
     def forward(self, student: Outputs, teacher: Outputs, batch: dict[str, Tensor]) -> Tensor:
         student_logits = student.require("logits", self.name)
