@@ -206,6 +206,7 @@ def build_report(spec: Any, ctx: Context, model: nn.Module, teacher: nn.Module, 
         "task": {"name": task.name, "primary_metric": task.primary_metric},
         "data": ctx.data.description,
         "teacher_source": ctx.teacher.description if ctx.teacher is not None else "",
+        "teacher_details": ctx.teacher.details if ctx.teacher is not None else {},
         "measurement": {
             "runtime": runtime_name,
             "threads": measure.threads,
@@ -341,6 +342,9 @@ def markdown(report: Report, plot: str | None) -> str:
     if ops:
         lines += ["## Precision by op", "", "| artifact | int8 ops | fp16 ops | fp32 ops |", "|---|---|---|---|"]
         lines += [f"| {path} | {o['int8']} | {o['fp16']} | {o['fp32']} |" for path, o in ops] + [""]
+    if report.data.get("teacher_details"):
+        lines += ["## Teacher", ""]
+        lines += [f"- **{key}**: {json.dumps(value, sort_keys=True)}" for key, value in report["teacher_details"].items()] + [""]
     lines += ["## Stages", "", "| # | stage | technique | seconds | cached |", "|---|---|---|---|---|"]
     lines += [f"| {i} | {s['stage']} | {s['name']} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} |"
               for i, s in enumerate(report.stages)]

@@ -198,6 +198,9 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any = None
     description: str = ""
+    #: what the teacher measured about itself while loading (an ensemble's per-teacher loyalty, a cache's bytes
+    #: per token and fidelity): JSON-serialisable; the report shows it under "teacher_details" / "## Teacher"
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

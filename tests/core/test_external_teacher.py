@@ -41,7 +41,8 @@ class RemoteTeacher(Teacher):
 
     def load(self, ctx: Context) -> LoadedModel:
         inner = nested_technique("teacher", self.options.inner).load(ctx)
-        return LoadedModel(model=_Remote(inner.model), tokenizer=inner.tokenizer, description="remote for tests")
+        return LoadedModel(model=_Remote(inner.model), tokenizer=inner.tokenizer, description="remote for tests",
+                           details={"queries": {"asked": 7}})
 
 
 @pytest.fixture
@@ -87,6 +88,8 @@ def test_distilling_from_an_external_teacher_into_an_hf_student(plugins, tiny_sp
     assert report.teacher["parameters"] > 0
     assert report.artifacts[0]["quality"]  # the student is measured against the external teacher's outputs
     assert not (tmp_path / "run" / "teacher.onnx").exists()
+    assert report["teacher_details"] == {"queries": {"asked": 7}}  # what the teacher measured reaches the report
+    assert '## Teacher' in (tmp_path / "run" / "report.md").read_text() and '{"asked": 7}' in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_the_hf_student_reinitializes_reproducibly(tiny_teacher_dir):
