@@ -1,4 +1,4 @@
-"""``potstill run | validate | plugins | verify | bench | build-engine``.
+"""``potstill run | validate | plugins | verify | bench | build-engine | serve-teacher``.
 
 User mistakes (bad spec, missing file, missing optional dependency, broken plugin) print one line per
 problem and exit 2 (1 for other failures), without a traceback; ``POTSTILL_DEBUG=1`` shows it.
@@ -49,7 +49,81 @@ def _parser() -> argparse.ArgumentParser:
 
     engine = sub.add_parser("build-engine", help="build TensorRT engines from a bundle's plan on this GPU")
     engine.add_argument("bundle", help="bundle folder (the --out of `potstill run`)")
+
+    serve = sub.add_parser("serve-teacher", help="serve a local teacher as a top-k log-prob HTTP endpoint (potstill "
+                                                 "and OpenAI-compatible schemas), with a token, a budget and a rate limit")
+    serve.add_argument("model", help="an HF model folder, bundled:cpython-byte-lm / bundled:minilm, or a YAML file "
+                                     "holding a teacher entry ({name: hf, path: ...})")
+    serve.add_argument("--port", type=_non_negative, required=True, help="TCP port (0: any free port, printed)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--token-env", default="POTSTILL_TEACHER_TOKEN",
+                       help="environment variable holding the bearer token clients must send")
+    serve.add_argument("--budget", type=_non_negative, help="answer at most this many requests (then 429 insufficient_quota)")
+    serve.add_argument("--rate-limit", type=_rate, help="requests per second, e.g. 20 or 20/s (then 429 with Retry-After)")
+    serve.add_argument("--task", default="causal_lm", help="the task whose logits are served (default: causal_lm)")
+    serve.add_argument("--fail-every", type=_non_negative, default=0,
+                       help="for testing clients: every n-th request fails (500 or a dropped connection)")
+    serve.add_argument("--ledger", help="append the hash of every answered request to this file (counts across restarts)")
     return parser
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text[:-2] if text.endswith("/s") else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rate in requests per second, like 20 or 20/s (got {text!r})") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {text!r})")
+    return value
+
+
+def _serve_teacher(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from potstill.serve import TeacherServer
+    from potstill.spec import nested_technique
+    from potstill.techniques import Context
+
+    token = os.environ.get(args.token_env)
+    if not token:
+        print(f"potstill: serve-teacher needs a bearer token: set the environment variable {args.token_env} "
+              f"(or name another with --token-env)", file=sys.stderr)
+        return 2
+    task = nested_technique("task", {"name": args.task})
+    source = Path(args.model)
+    if source.suffix in (".yaml", ".yml") and source.is_file():
+        entry = yaml.safe_load(source.read_text(encoding="utf-8"))
+        entry = entry.get("teacher", entry) if isinstance(entry, dict) else entry
+        base_dir = source.resolve().parent
+    else:
+        entry, base_dir = {"name": "hf", "path": args.model}, Path.cwd()
+    teacher = nested_technique("teacher", entry, base_dir)
+    ctx = Context(seed=0, base_dir=base_dir, out=base_dir, task=task)
+    loaded = teacher.load(ctx)
+    server = TeacherServer(loaded, task, token=token, port=args.port, host=args.host, budget=args.budget,
+                           rate_limit=args.rate_limit, fail_every=args.fail_every, ledger=args.ledger,
+                           model_name=str(entry.get("path", entry.get("name", "teacher"))) if isinstance(entry, dict) else "teacher")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"potstill: warning: serving on {args.host}, not loopback only", file=sys.stderr)
+    import threading
+
+    def announce() -> None:  # once the socket is bound (serve_forever binds it), so `port 0` prints the real one
+        while server._httpd is None:
+            threading.Event().wait(0.01)
+        print(f"serving {loaded.description or args.model} on {server.url} (POST /v1/topk, POST /v1/completions; "
+              f"token from ${args.token_env})", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        print(f"potstill: serve-teacher cannot listen on {args.host}:{args.port} ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _positive(text: str) -> int:
@@ -136,6 +210,8 @@ def _main(args: argparse.Namespace) -> int:
         return _bench(args)
     if args.command == "build-engine":
         return _build_engine(args.bundle)
+    if args.command == "serve-teacher":
+        return _serve_teacher(args)
     if args.command == "run":
         from potstill.pipeline import run
         from potstill.report import print_summary

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from potstill.capture import capture
+from potstill.errors import PotstillError
 from potstill.io import atomic_path, load_tensors, read_json, save_tensors, write_json
 from potstill.sparsity import apply_masks
 from potstill.spec import DistillOptions
@@ -127,6 +128,17 @@ class Distiller:
         self.step = step
         return True
 
+    def _with_remaining(self, exc: PotstillError, seed: int) -> PotstillError:
+        """A teacher's spent query budget, restated with what the rest of this stage still needs (a teacher with
+        ``uncached_queries(batches)``, e.g. ``http_topk``, counts its uncached requests among them)."""
+        count = getattr(self.teacher, "uncached_queries", None)
+        if count is None or not hasattr(exc, "with_remaining"):
+            return exc
+        train, task, options = self.ctx.data.train, self.ctx.task, self.options  # type: ignore[union-attr]
+        left = [task.collate([train[i] for i in batch_indices(len(train), options.batch_size, s, seed)], self.ctx.tokenizer)
+                for s in range(self.step, options.steps)]
+        return exc.with_remaining(count(left), f"the {len(left)} remaining steps of stage {self.stage_index}")
+
     # ------------------------------------------------------------------ training
     def run(self, on_step: Callable[[int, float], None] | None = None, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``options.steps`` (or stop after ``stop_after`` steps, for tests of resumption)."""
@@ -154,17 +166,20 @@ class Distiller:
                 weight = loss.options.weight_at(self.step, options.steps)
                 if weight > 0:
                     active.append((loss, view, weight))
-            for loss, _, _ in active:
-                batch = loss.prepare(batch, self.student, self.teacher)
-            student_batch = batch
-            for loss, _, _ in active:
-                alternative = loss.student_batch(batch)
-                if alternative is not None:
-                    if student_batch is not batch:
-                        raise ValueError("distill: two losses of this stage change the student's input; keep one")
-                    student_batch = alternative
-            with torch.no_grad():
-                teacher_out = _forward(task, self.teacher, batch, self.paths["teacher"], self.hidden)
+            try:
+                for loss, _, _ in active:
+                    batch = loss.prepare(batch, self.student, self.teacher)
+                student_batch = batch
+                for loss, _, _ in active:
+                    alternative = loss.student_batch(batch)
+                    if alternative is not None:
+                        if student_batch is not batch:
+                            raise ValueError("distill: two losses of this stage change the student's input; keep one")
+                        student_batch = alternative
+                with torch.no_grad():
+                    teacher_out = _forward(task, self.teacher, batch, self.paths["teacher"], self.hidden)
+            except PotstillError as exc:
+                raise self._with_remaining(exc, seed) from None
             student_out = _forward(task, self.student, student_batch, self.paths["student"], self.hidden)
             total = torch.zeros(())
             for loss, view, weight in active:
